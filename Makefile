@@ -1,0 +1,33 @@
+# Two commands do everything, each setting itself up into .venv/ first:
+#   make demo   teacher → distilled student on MultiMNIST, printing what it achieved
+#   make test   the whole test suite (what CI runs through .ci/run)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: this machine keeps the CPU build of 2.13.0; a free choice would pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint benchmark clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lightning_mtkd.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:warnings
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .cache checkpoints lightning_logs

@@ -1,0 +1,139 @@
+"""Multi-task datasets and the DataModule that feeds them.
+
+A batch is ``{"input": Tensor, "targets": {task: Tensor}, "index": LongTensor}``; ``index`` is each
+sample's position in its dataset (it keys the teacher-output cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class MultiTaskDataset(Dataset):
+    """In-memory tensors: inputs and one target tensor per task, gathered a whole batch at a time.
+
+    ``__getitems__`` gathers a batch with one indexing op per tensor (no Python loop over samples),
+    and the DataLoader's collate step passes the ready batch through.
+
+    Example:
+        >>> ds = MultiTaskDataset(torch.zeros(5, 3), {"a": torch.arange(5)})
+        >>> batch = ds.__getitems__([4, 1])
+        >>> batch["targets"]["a"].tolist(), batch["index"].tolist()
+        ([4, 1], [4, 1])
+    """
+
+    def __init__(self, inputs: Tensor, targets: Mapping[str, Tensor]) -> None:
+        for name, target in targets.items():
+            if len(target) != len(inputs):
+                raise ValueError(
+                    f"task {name!r} has {len(target)} targets for {len(inputs)} inputs; every task needs one target "
+                    "per input (mark missing labels with the ignore value)."
+                )
+        self.inputs = inputs
+        self.targets = dict(targets)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "input": self.inputs[index],
+            "targets": {name: target[index] for name, target in self.targets.items()},
+            "index": index,
+        }
+
+
+def collate_batch(batch: Any) -> Any:
+    """Collate for :class:`MultiTaskDataset`: batches arrive gathered; lists of single samples are merged."""
+    if isinstance(batch, Mapping):
+        return batch
+    return {
+        "input": torch.cat([b["input"] for b in batch]),
+        "targets": {name: torch.cat([b["targets"][name] for b in batch]) for name in batch[0]["targets"]},
+        "index": torch.cat([b["index"] for b in batch]),
+    }
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Loaders over train / val / test multi-task datasets.
+
+    Give the three splits directly, or subclass and implement :meth:`build_splits`.
+
+    Args:
+        train, val, test: Datasets yielding the batch dict (e.g. :class:`MultiTaskDataset`).
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes (0 keeps in-memory data in the main process, the fastest here).
+        pin_memory: Pin host memory; ``None`` pins when CUDA is available.
+        seed: Seed of the training shuffle (and of any random split a subclass makes).
+    """
+
+    def __init__(
+        self,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.seed = seed
+        self.splits: dict[str, Dataset] = {}
+        if train is not None or val is not None or test is not None:
+            self.splits = {k: v for k, v in {"train": train, "val": val, "test": test}.items() if v is not None}
+
+    def build_splits(self) -> dict[str, Dataset]:
+        """``{"train": ..., "val": ..., "test": ...}``; subclasses make their data here."""
+        raise NotImplementedError("give train/val/test datasets or implement build_splits()")
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = self.build_splits()
+        for name, split in self.splits.items():
+            if len(split) == 0:  # type: ignore[arg-type]
+                raise ValueError(f"the {name!r} split is empty; give it at least one sample.")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.splits:
+            self.setup()
+        if split not in self.splits:
+            raise ValueError(f"this DataModule has no {split!r} split (it has {list(self.splits)}).")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_batch,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

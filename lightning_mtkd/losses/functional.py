@@ -1,0 +1,83 @@
+"""Distillation losses as pure functions.
+
+Every function here is stateless: modules and strategies only hold hyper-parameters and call these.
+Each docstring gives the formula and the paper it comes from.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FeatureDistance = Literal["l2", "cosine", "l1"]
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true; ``0`` when nothing is present (never NaN, no host sync)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def soft_target_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Hinton soft-target distillation loss, scaled by :math:`T^2`.
+
+    .. math::
+        \mathcal{L}_{KD} = T^2 \cdot \frac{1}{B}\sum_b \mathrm{KL}\big(\sigma(z^t_b/T)\,\|\,\sigma(z^s_b/T)\big)
+
+    The :math:`T^2` factor keeps the gradient magnitude independent of the temperature
+    (Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, 2015).
+    Classes are on dimension 1, so dense (per-pixel) logits ``(B, C, H, W)`` work too (mean over pixels).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+def binary_soft_target_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Soft-target distillation for independent sigmoid outputs (multi-label heads), scaled by :math:`T^2`.
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \mathrm{mean}_{b,c}\, \mathrm{BCE}\big(\mathrm{sigmoid}(z^s_{bc}/T),\,
+        \mathrm{sigmoid}(z^t_{bc}/T)\big) - H\big(\mathrm{sigmoid}(z^t_{bc}/T)\big)
+
+    i.e. the Bernoulli KL divergence per label, the binary form of Hinton et al. (2015).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    p_teacher = torch.sigmoid(teacher_logits / temperature)
+    cross = F.binary_cross_entropy_with_logits(student_logits / temperature, p_teacher, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits / temperature, p_teacher, reduction="none")
+    return (cross - entropy).mean() * temperature**2
+
+
+def feature_distance(student: Tensor, teacher: Tensor, distance: FeatureDistance = "l2") -> Tensor:
+    r"""Distance between (adapted) student and teacher features, channel-wise L2-normalised.
+
+    Features are ``(B, C)`` vectors or ``(B, C, ...)`` maps; :math:`\hat f = f / \|f\|_2` over channels
+    (dimension 1) at each position, then, averaged over batch and positions:
+
+    - ``l2``: :math:`\|\hat f_s - \hat f_t\|_2^2` (Li & Bilen, *Knowledge Distillation for Multi-task
+      Learning*, ECCV-W 2020; a normalised FitNets hint, Romero et al., ICLR 2015),
+    - ``l1``: :math:`\|\hat f_s - \hat f_t\|_1`,
+    - ``cosine``: :math:`1 - \cos(f_s, f_t)`.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"feature shapes differ: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}; "
+            "an adaptor must map the student feature to the teacher's shape first."
+        )
+    if distance == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+    s = F.normalize(student, dim=1)
+    t = F.normalize(teacher, dim=1)
+    if distance == "l2":
+        return (s - t).pow(2).sum(dim=1).mean()
+    if distance == "l1":
+        return (s - t).abs().sum(dim=1).mean()
+    raise ValueError(f"unknown feature distance {distance!r}; use 'l2', 'cosine' or 'l1'.")

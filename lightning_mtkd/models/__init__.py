@@ -1,0 +1,8 @@
+"""Models: multi-task nets, small backbones, feature taps and adaptors."""
+
+from lightning_mtkd.models.adaptors import Adaptor
+from lightning_mtkd.models.backbones import ConvBackbone, MLPBackbone, count_parameters
+from lightning_mtkd.models.hooks import FeatureTap, resolve_module
+from lightning_mtkd.models.multitask import MultiTaskNet
+
+__all__ = ["Adaptor", "ConvBackbone", "FeatureTap", "MLPBackbone", "MultiTaskNet", "count_parameters", "resolve_module"]

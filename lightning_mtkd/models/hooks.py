@@ -1,0 +1,65 @@
+"""Reading intermediate features by dotted module path, without editing the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+def resolve_module(model: nn.Module, path: str, owner: str = "model") -> nn.Module:
+    """``model.get_submodule(path)`` with an error that lists the paths that do exist."""
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        shown = ", ".join(names[:25]) + (" …" if len(names) > 25 else "")
+        raise ValueError(
+            f"{owner}: no submodule at feature path {path!r}. Paths in this model: {shown}"
+        ) from None
+
+
+class FeatureTap:
+    """Forward hooks that record the outputs of named submodules on every forward pass.
+
+    Registered once; each forward overwrites ``features[path]``. A module returning a tuple (such as
+    ``nn.MultiheadAttention``) is recorded as the tuple.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> tap = FeatureTap(net, ["0"])
+        >>> _ = net(torch.zeros(5, 3))
+        >>> tuple(tap.features["0"].shape)
+        (5, 4)
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], owner: str = "model") -> None:
+        self.paths = list(dict.fromkeys(paths))
+        self.features: dict[str, Any] = {}
+        self._handles: list[RemovableHandle] = []
+        for path in self.paths:
+            module = resolve_module(model, path, owner)
+            self._handles.append(module.register_forward_hook(self._recorder(path)))
+
+    def _recorder(self, path: str):  # noqa: ANN202 - a hook closure
+        def record(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            self.features[path] = output
+
+        return record
+
+    def pop(self) -> dict[str, Any]:
+        """The features of the last forward pass; the tap is emptied so no tensor outlives its step."""
+        features, self.features = self.features, {}
+        return features
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Hook handles are process-local; a pickled module (ddp_spawn) re-registers its taps.
+        return {"paths": self.paths, "features": {}, "_handles": []}

@@ -1,0 +1,194 @@
+"""Task specifications: what a head predicts, how it is trained, distilled and measured.
+
+A :class:`Task` is the one place where a task's *kind* turns into behaviour: its supervised loss,
+its knowledge-distillation loss, its metrics and the value that marks a missing label. Strategies
+never branch on the kind themselves.
+
+YAML (LightningCLI)::
+
+    tasks:
+      - {name: left, num_classes: 10}
+      - {name: age, kind: regression, num_classes: 1, weight: 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
+
+from lightning_mtkd.losses import functional as LF
+
+TaskKind = Literal["classification", "multilabel", "regression"]
+
+#: Label that marks a missing classification / multilabel target (PyTorch's own ignore index).
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction task of a multi-task model.
+
+    Args:
+        name: Key of the task in the batch's ``targets`` and in every model's output dict.
+        kind: ``classification`` (integer labels, softmax head), ``multilabel`` (0/1 per label,
+            sigmoid head) or ``regression`` (real values).
+        num_classes: Classes (classification), labels (multilabel) or outputs (regression).
+        weight: The task's weight in the total loss (used by the weighting plug-in).
+        ignore_value: Label value that marks a missing target. Defaults to ``-100`` for
+            classification and multilabel and ``NaN`` for regression.
+
+    Example:
+        >>> task = Task("digit", num_classes=10)
+        >>> logits, labels = torch.zeros(4, 10), torch.tensor([1, 2, -100, 3])
+        >>> round(task.supervised_loss(logits, labels).item(), 4)  # log(10); the -100 is masked
+        2.3026
+    """
+
+    name: str
+    kind: TaskKind = "classification"
+    num_classes: int = 2
+    weight: float = 1.0
+    ignore_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or "." in self.name:
+            raise ValueError(
+                f"Task name {self.name!r} must be non-empty and contain no '/' or '.' (it is part of metric keys "
+                "and module names)."
+            )
+        if self.kind not in ("classification", "multilabel", "regression"):
+            raise ValueError(
+                f"Task {self.name!r}: unknown kind {self.kind!r}; use 'classification', 'multilabel' or 'regression'."
+            )
+        minimum = 2 if self.kind == "classification" else 1
+        if self.num_classes < minimum:
+            raise ValueError(f"Task {self.name!r}: num_classes={self.num_classes} must be at least {minimum}.")
+        if self.weight < 0 or not math.isfinite(self.weight):
+            raise ValueError(f"Task {self.name!r}: weight={self.weight} must be a finite number >= 0.")
+
+    # ----------------------------------------------------------------------------------- labels
+    @property
+    def missing_value(self) -> float:
+        """The label value that marks a missing target."""
+        if self.ignore_value is not None:
+            return self.ignore_value
+        return math.nan if self.kind == "regression" else IGNORE_INDEX
+
+    def valid_mask(self, target: Tensor) -> Tensor:
+        """Boolean mask of present labels, shaped like ``target``."""
+        if math.isnan(self.missing_value):
+            return ~torch.isnan(target)
+        return target != self.missing_value
+
+    def check_target(self, output: Tensor, target: Tensor) -> None:
+        """Raise a clear error if ``target`` cannot be a label for ``output`` (dtype, shape, range).
+
+        It reads label values (a host sync), so the shared step calls it on the first batch only.
+        """
+        batch = output.shape[0]
+        if self.kind == "classification":
+            if target.is_floating_point() or target.dtype == torch.bool:
+                raise TypeError(
+                    f"Task {self.name!r}: classification labels must be integers (torch.long), got {target.dtype}. "
+                    "Convert them with `.long()` in your dataset."
+                )
+            if target.shape != (batch,):
+                raise ValueError(
+                    f"Task {self.name!r}: expected labels of shape ({batch},) for outputs {tuple(output.shape)}, "
+                    f"got {tuple(target.shape)}."
+                )
+            present = target[self.valid_mask(target)]
+            if present.numel() and (present.min() < 0 or present.max() >= self.num_classes):
+                raise ValueError(
+                    f"Task {self.name!r}: labels must lie in [0, {self.num_classes - 1}] (or be {self.missing_value} "
+                    f"when missing), found values in [{int(present.min())}, {int(present.max())}]. "
+                    "Check num_classes or the dataset's labels."
+                )
+        else:
+            allowed = [(batch, self.num_classes)] + ([(batch,)] if self.num_classes == 1 else [])
+            if tuple(target.shape) not in allowed:
+                raise ValueError(
+                    f"Task {self.name!r}: expected targets of shape {allowed[0]}, got {tuple(target.shape)}."
+                )
+            if not target.is_floating_point() and self.kind == "regression":
+                raise TypeError(f"Task {self.name!r}: regression targets must be floating point, got {target.dtype}.")
+        if output.shape[-1] != self.num_classes or output.shape[0] != batch:
+            raise ValueError(
+                f"Task {self.name!r}: the model outputs shape {tuple(output.shape)}, but the task has "
+                f"num_classes={self.num_classes}; make the head's width match."
+            )
+
+    def _as_output_shape(self, output: Tensor, target: Tensor) -> Tensor:
+        # A one-output regression head may come with (B,) targets.
+        return target.reshape(output.shape) if self.kind != "classification" else target
+
+    # ----------------------------------------------------------------------------------- losses
+    def supervised_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean loss over the present labels; exactly 0 (not NaN) when every label is missing.
+
+        Cross-entropy (classification), binary cross-entropy with logits (multilabel), MSE (regression).
+        """
+        target = self._as_output_shape(output, target)
+        mask = self.valid_mask(target)
+        if self.kind == "classification":
+            per_sample = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
+        elif self.kind == "multilabel":
+            per_sample = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
+        else:
+            per_sample = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
+        return LF.masked_mean(per_sample, mask)
+
+    def distillation_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        """Soft-target loss between student and teacher outputs of this task (labels not needed)."""
+        if self.kind == "classification":
+            return LF.soft_target_kd(student, teacher, temperature)
+        if self.kind == "multilabel":
+            return LF.binary_soft_target_kd(student, teacher, temperature)
+        return F.mse_loss(student, teacher)
+
+    # ----------------------------------------------------------------------------------- metrics
+    @property
+    def primary_metric(self) -> str:
+        """Name of the metric that summarises the task (reports, adaptive weights)."""
+        return {"classification": "acc", "multilabel": "f1", "regression": "mae"}[self.kind]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind != "regression"
+
+    def make_metrics(self) -> dict[str, Metric]:
+        """Fresh torchmetrics objects for one stage; they skip missing labels."""
+        ignore = int(self.missing_value) if self.kind != "regression" else None
+        if self.kind == "classification":
+            return {"acc": MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore)}
+        if self.kind == "multilabel":
+            return {"f1": MultilabelF1Score(self.num_classes, ignore_index=ignore)}
+        return {"mae": MeanAbsoluteError(), "mse": MeanSquaredError()}
+
+    def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(preds, target)`` for this task's metrics, with missing regression targets dropped."""
+        target = self._as_output_shape(output, target)
+        if self.kind != "regression":
+            return output, target
+        mask = self.valid_mask(target)
+        return output[mask], target[mask]
+
+
+def as_tasks(tasks: list[Task] | list[dict] | tuple) -> dict[str, Task]:
+    """Normalise a task list (objects or YAML dicts) into an ordered ``{name: Task}`` dict."""
+    result: dict[str, Task] = {}
+    for task in tasks:
+        task = task if isinstance(task, Task) else Task(**task)
+        if task.name in result:
+            raise ValueError(f"Task {task.name!r} is listed twice in `tasks`; task names must be unique.")
+        result[task.name] = task
+    if not result:
+        raise ValueError("`tasks` is empty: give at least one Task(name=..., num_classes=...).")
+    return result
