@@ -1,8 +1,8 @@
 """The ``lightning-mtkd`` command: LightningCLI with ``class_path`` as the only registry.
 
-    lightning-mtkd fit  --config configs/multimnist/teacher.yaml
-    lightning-mtkd fit  --config configs/multimnist/shared.yaml
-    lightning-mtkd test --config configs/multimnist/shared.yaml --ckpt_path best
+lightning-mtkd fit  --config configs/multimnist/teacher.yaml
+lightning-mtkd fit  --config configs/multimnist/shared.yaml
+lightning-mtkd test --config configs/multimnist/shared.yaml --ckpt_path best
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ def _trainer(epochs: int, name: str, root: str, progress: bool) -> L.Trainer:
     )
 
 
-def _fit_and_test(module: L.LightningModule, dm: MultiMNISTDataModule, epochs: int, name: str, root: str, progress: bool) -> dict[str, float]:
+def _fit_and_test(
+    module: L.LightningModule, dm: MultiMNISTDataModule, epochs: int, name: str, root: str, progress: bool
+) -> dict[str, float]:
     trainer = _trainer(epochs, name, root, progress)
     trainer.fit(module, dm)
     result = trainer.test(module, dm, ckpt_path="best", verbose=False)[0]

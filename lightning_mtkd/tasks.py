@@ -140,7 +140,9 @@ class Task:
         if self.kind == "classification":
             per_sample = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
         elif self.kind == "multilabel":
-            per_sample = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
+            per_sample = F.binary_cross_entropy_with_logits(
+                output, target.masked_fill(~mask, 0).float(), reduction="none"
+            )
         else:
             per_sample = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
         return LF.masked_mean(per_sample, mask)

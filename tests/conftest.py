@@ -27,7 +27,9 @@ def mlp_net(in_features: int = 12, hidden: tuple[int, ...] = (16,)) -> MultiTask
     return MultiTaskNet(MLPBackbone(in_features=in_features, hidden=hidden), HEADS)
 
 
-def random_datamodule(n: int = 64, shape: tuple[int, ...] = (1, 12, 12), batch_size: int = 16, seed: int = 0) -> MultiTaskDataModule:
+def random_datamodule(
+    n: int = 64, shape: tuple[int, ...] = (1, 12, 12), batch_size: int = 16, seed: int = 0
+) -> MultiTaskDataModule:
     generator = torch.Generator().manual_seed(seed)
 
     def split(size: int) -> MultiTaskDataset:

@@ -44,8 +44,15 @@ def test_cli_fits_shared_yaml_for_one_step(tmp_path):
     trainer.save_checkpoint(path)
     config = Path(__file__).parents[1] / "configs" / "multimnist" / "shared.yaml"
     cli = main(
-        ["fit", "--config", str(config), f"--model.init_args.teacher={path}", "--trainer.fast_dev_run=1",
-         f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA]
+        [
+            "fit",
+            "--config",
+            str(config),
+            f"--model.init_args.teacher={path}",
+            "--trainer.fast_dev_run=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            *SMALL_DATA,
+        ]
     )
     assert "train/hint" in cli.trainer.callback_metrics
 

@@ -1,7 +1,6 @@
 """The shared step and teacher hygiene, through SharedDistiller (the base's behaviour is the same for all)."""
 
 import lightning as L
-import pytest
 import torch
 from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
 
@@ -68,8 +67,9 @@ def test_distillation_trains_student_and_adaptor_and_reloads(tmp_path, teacher_c
 
 def test_adaptor_sized_for_mismatched_widths(tmp_path):
     teacher = MultiTaskNet(ConvBackbone(widths=(8, 16), hidden=48), HEADS)
-    module = SharedDistiller(conv_net((2, 4), 8), teacher, TASKS, student_feature="backbone.features",
-                             teacher_feature="backbone.features")
+    module = SharedDistiller(
+        conv_net((2, 4), 8), teacher, TASKS, student_feature="backbone.features", teacher_feature="backbone.features"
+    )
     quick_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, random_datamodule())
     proj = module.adaptors["hint"].proj
     assert isinstance(proj, torch.nn.Conv2d) and (proj.in_channels, proj.out_channels) == (4, 16)
@@ -108,7 +108,10 @@ def test_custom_strategy_overrides_one_hook(tmp_path):
     class CosineLogitDistiller(DistillationModule):
         def distillation_loss(self, student, teachers, batch):
             teacher = teachers["teacher"]
-            return {f"cos/{t}": (1 - torch.cosine_similarity(student.outputs[t], teacher.outputs[t])).mean() for t in self.tasks}
+            return {
+                f"cos/{t}": (1 - torch.cosine_similarity(student.outputs[t], teacher.outputs[t])).mean()
+                for t in self.tasks
+            }
 
     module = CosineLogitDistiller(conv_net((2, 4), 8), conv_net((4, 8), 16), TASKS)
     trainer = quick_trainer(tmp_path, limit_train_batches=2, limit_val_batches=1)

@@ -6,7 +6,7 @@ from conftest import TASKS, BareTensorNet, conv_net, quick_trainer, random_datam
 
 from lightning_mtkd import MultiTaskModule, SharedDistiller, Task
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
-from lightning_mtkd.models import MultiTaskNet, ConvBackbone
+from lightning_mtkd.models import ConvBackbone, MultiTaskNet
 
 
 def fit(module, tmp_path, dm=None):
@@ -75,7 +75,9 @@ def test_model_returning_a_tensor(tmp_path):
 
 
 def test_labels_out_of_range(tmp_path):
-    dataset = MultiTaskDataset(torch.randn(8, 1, 12, 12), {"left": torch.full((8,), 11), "right": torch.zeros(8, dtype=torch.long)})
+    dataset = MultiTaskDataset(
+        torch.randn(8, 1, 12, 12), {"left": torch.full((8,), 11), "right": torch.zeros(8, dtype=torch.long)}
+    )
     module = MultiTaskModule(conv_net(), TASKS)
     with pytest.raises(ValueError, match=r"Task 'left': labels must lie in \[0, 9\]"):
         fit(module, tmp_path, MultiTaskDataModule(dataset, dataset, batch_size=4))

@@ -11,9 +11,12 @@ from lightning_mtkd.losses import binary_soft_target_kd, feature_distance, maske
 def test_soft_target_kd_matches_kl_div_by_hand(temperature):
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 5), torch.randn(6, 5)
-    reference = F.kl_div(
-        F.log_softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1), reduction="batchmean"
-    ) * temperature**2
+    reference = (
+        F.kl_div(
+            F.log_softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1), reduction="batchmean"
+        )
+        * temperature**2
+    )
     torch.testing.assert_close(soft_target_kd(student, teacher, temperature), reference)
 
 

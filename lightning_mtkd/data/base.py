@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class MultiTaskDataset(Dataset):
@@ -51,6 +51,29 @@ class MultiTaskDataset(Dataset):
             "targets": {name: target[index] for name, target in self.targets.items()},
             "index": index,
         }
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that is a pure function of ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees exactly
+    the order an uninterrupted run would have seen (a ``RandomSampler``'s generator state is lost).
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of ints
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
 def collate_batch(batch: Any) -> Any:
@@ -114,12 +137,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.setup()
         if split not in self.splits:
             raise ValueError(f"this DataModule has no {split!r} split (it has {list(self.splits)}).")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=collate_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
@@ -16,9 +16,7 @@ def resolve_module(model: nn.Module, path: str, owner: str = "model") -> nn.Modu
     except AttributeError:
         names = [name for name, _ in model.named_modules() if name]
         shown = ", ".join(names[:25]) + (" …" if len(names) > 25 else "")
-        raise ValueError(
-            f"{owner}: no submodule at feature path {path!r}. Paths in this model: {shown}"
-        ) from None
+        raise ValueError(f"{owner}: no submodule at feature path {path!r}. Paths in this model: {shown}") from None
 
 
 class FeatureTap:
@@ -42,17 +40,12 @@ class FeatureTap:
         self._handles: list[RemovableHandle] = []
         for path in self.paths:
             module = resolve_module(model, path, owner)
-            self._handles.append(module.register_forward_hook(self._recorder(path)))
-
-    def _recorder(self, path: str):  # noqa: ANN202 - a hook closure
-        def record(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-            self.features[path] = output
-
-        return record
+            self._handles.append(module.register_forward_hook(_Recorder(self.features, path)))
 
     def pop(self) -> dict[str, Any]:
         """The features of the last forward pass; the tap is emptied so no tensor outlives its step."""
-        features, self.features = self.features, {}
+        features = dict(self.features)
+        self.features.clear()  # the hooks hold this very dict
         return features
 
     def remove(self) -> None:
@@ -60,6 +53,13 @@ class FeatureTap:
             handle.remove()
         self._handles.clear()
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Hook handles are process-local; a pickled module (ddp_spawn) re-registers its taps.
-        return {"paths": self.paths, "features": {}, "_handles": []}
+
+class _Recorder:
+    """The hook itself: a picklable object (not a closure), so a tapped model survives ``ddp_spawn``."""
+
+    def __init__(self, store: dict[str, Any], path: str) -> None:
+        self.store = store
+        self.path = path
+
+    def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.store[self.path] = output

@@ -264,12 +264,16 @@ class MultiTaskModule(L.LightningModule):
         batch_size: int,
     ) -> None:
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        # Evaluation losses are averaged over all ranks at epoch end (one reduction, not one per step).
+        sync = stage != "train"
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=sync
+        )
         named = {f"{stage}/{name}/loss": value for name, value in task_losses.items()}
         for term, value in distill_terms.items():
             kind, _, task = term.partition("/")
             named[f"{stage}/{task}/{kind}" if task else f"{stage}/{kind}"] = value
-        self.log_dict(named, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_dict(named, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=sync)
 
     def on_train_epoch_end(self) -> None:
         weights = self.weighting.current_weights()
@@ -413,7 +417,10 @@ class DistillationModule(MultiTaskModule):
         """Every teacher's outputs and tapped features, computed under ``torch.inference_mode()``."""
         results: dict[str, ModelOutputs] = {}
         with torch.inference_mode():
-            raw = {name: (teacher(batch["input"]), self._pop_teacher_features(name)) for name, teacher in self.teachers.items()}
+            raw = {
+                name: (teacher(batch["input"]), self._pop_teacher_features(name))
+                for name, teacher in self.teachers.items()
+            }
         for name, (output, features) in raw.items():
             # Inference tensors cannot be saved for backward; a clone outside inference mode can (cheap:
             # logits and a few feature maps).
@@ -453,7 +460,9 @@ class DistillationModule(MultiTaskModule):
         for name, task in self.tasks.items():
             teacher = self.teacher_for_task(teachers, name)
             if teacher is not None:
-                terms[f"kd/{name}"] = task.distillation_loss(student.outputs[name], teacher.outputs[name], self.temperature)
+                terms[f"kd/{name}"] = task.distillation_loss(
+                    student.outputs[name], teacher.outputs[name], self.temperature
+                )
         return terms
 
     def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
@@ -480,7 +489,9 @@ class DistillationModule(MultiTaskModule):
         paths: dict[str, list[str]] = {name: list(extra) for name, extra in self.teacher_feature_paths.items()}
         for _, teacher, teacher_path in specs.values():
             if teacher not in self._teacher_sources:
-                raise KeyError(f"adaptor refers to teacher {teacher!r}, but the teachers are {list(self._teacher_sources)}.")
+                raise KeyError(
+                    f"adaptor refers to teacher {teacher!r}, but the teachers are {list(self._teacher_sources)}."
+                )
             paths.setdefault(teacher, []).append(teacher_path)
         return paths
 
@@ -525,14 +536,15 @@ class DistillationModule(MultiTaskModule):
         device = next(self.model.parameters()).device
         return example[:2].to(device)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Adaptors are sized by a dry run when fitting; a checkpoint alone rebuilds them from its tensors.
-        state = checkpoint.get("state_dict", {})
-        for key in state:
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # Adaptors are sized by a dry run when fitting; a state dict alone (load_from_checkpoint, the weights
+        # ddp_spawn hands back to the main process) rebuilds any that this module has not built yet.
+        for key in state_dict:
             if key.startswith("adaptors.") and key.endswith(".proj.weight"):
                 name = key[len("adaptors.") : -len(".proj.weight")]
                 if name not in self.adaptors:
-                    self.adaptors[name] = Adaptor.from_state(state, f"adaptors.{name}.")
+                    self.adaptors[name] = Adaptor.from_state(dict(state_dict), f"adaptors.{name}.")
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ optimisation, metrics
     def param_groups(self) -> list[dict[str, Any]]:
