@@ -32,7 +32,7 @@ HEADS = {"left": 10, "right": 10}
 #: Small data (5,000 composites from 1,000 digits): the regime where a student overfits without a teacher
 #: (shared/MEASUREMENTS.md). The teacher is regularised with dropout; the student is ~15× smaller.
 DEFAULTS: dict[str, Any] = {
-    "teacher": {"widths": [32, 64], "hidden": 256, "dropout": 0.5, "epochs": 20},
+    "teacher": {"widths": [32, 64], "hidden": 256, "dropout": 0.5, "epochs": 20, "seed": 1},
     "student": {"widths": [8, 16], "hidden": 64, "epochs": 20},
     "data": {"num_train": 5000, "num_val": 1000, "num_test": 2000, "batch_size": 128},
     "distill": {"temperature": 4.0, "alpha": 0.5, "hint_weight": 1.0},
@@ -64,13 +64,13 @@ def _fit_and_test(
 
 def teacher_checkpoint(config: dict[str, Any], root: str, dm: MultiMNISTDataModule, progress: bool) -> str:
     """Path of the teacher trained with this config, training it first if no such checkpoint exists."""
-    key = hashlib.sha256(json.dumps([config["teacher"], config["data"], config["seed"]], sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps([config["teacher"], config["data"]], sort_keys=True).encode())
     path = os.path.join(root, f"teacher-{key.hexdigest()[:12]}.ckpt")
     if os.path.exists(path):
         print(f"Reusing teacher checkpoint {path}")
         return path
     spec = config["teacher"]
-    L.seed_everything(config["seed"], workers=True)
+    L.seed_everything(spec["seed"], workers=True)
     backbone = ConvBackbone(widths=spec["widths"], hidden=spec["hidden"], dropout=spec["dropout"])
     teacher = MultiTaskModule(MultiTaskNet(backbone, HEADS), TASKS)
     trainer = _trainer(spec["epochs"], "teacher", root, progress)

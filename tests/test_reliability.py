@@ -75,3 +75,24 @@ def test_ddp_two_cpu_processes_match_a_single_process_evaluation(name, tmp_path)
 
 def _teacher_kwargs(module):
     return {"teacher": teacher_net()} if hasattr(module, "teachers") else {}
+
+
+def test_student_checkpoint_is_small_and_works_without_its_moved_teacher(tmp_path, teacher_ckpt):
+    module = SharedDistiller(conv_net((2, 4), 8), teacher_ckpt, TASKS)
+    trainer = quick_trainer(tmp_path, max_epochs=1)
+    dm = random_datamodule()
+    trainer.fit(module, dm)
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    assert path.stat().st_size < (tmp_path / "teacher.ckpt").stat().st_size
+
+    moved = tmp_path / "elsewhere.ckpt"
+    (tmp_path / "teacher.ckpt").rename(moved)
+    student = SharedDistiller.load_from_checkpoint(path, weights_only=True)
+    with pytest.warns(UserWarning, match="not available"):
+        result = quick_trainer(tmp_path).test(student, dm, verbose=False)[0]
+    assert "test/left/acc" in result and "test/left/teacher_acc" not in result
+    predictions = quick_trainer(tmp_path).predict(student, dm)
+    assert set(predictions[0]) == {"left", "right"}
+    with pytest.raises(FileNotFoundError, match="teacher.ckpt' does not exist"):
+        quick_trainer(tmp_path).fit(student, dm)

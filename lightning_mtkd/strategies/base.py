@@ -367,6 +367,7 @@ class DistillationModule(MultiTaskModule):
         self._teacher_sources: dict[str, nn.Module | str | None] = dict(sources)
         self._teachers: dict[str, nn.Module] = {}
         self._teacher_taps: dict[str, FeatureTap] = {}
+        self._use_teachers = True  # set per stage by setup()
         self.teacher_feature_paths: dict[str, list[str]] = {}
         self.adaptors = nn.ModuleDict()
         for stage in ("val", "test"):
@@ -416,6 +417,8 @@ class DistillationModule(MultiTaskModule):
     def teacher_forward(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
         """Every teacher's outputs and tapped features, computed under ``torch.inference_mode()``."""
         results: dict[str, ModelOutputs] = {}
+        if not self._use_teachers:
+            return results
         with torch.inference_mode():
             raw = {
                 name: (teacher(batch["input"]), self._pop_teacher_features(name))
@@ -474,7 +477,10 @@ class DistillationModule(MultiTaskModule):
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        if stage != "fit" and not self._teachers_loadable():
+        # Fitting needs the teachers (a missing one is an error); evaluating uses them when they are there:
+        # a student checkpoint tests and predicts on its own.
+        self._use_teachers = stage == "fit" or (stage in ("validate", "test") and self._teachers_loadable())
+        if not self._use_teachers:
             return
         specs = self.adaptor_specs()
         self.student_feature_paths = sorted({student_path for student_path, _, _ in specs.values()})
@@ -501,7 +507,6 @@ class DistillationModule(MultiTaskModule):
                 warnings.warn(
                     f"teacher {name!r} is not available ({source!r}); evaluating the student alone.", stacklevel=2
                 )
-                self._teacher_sources = {}
                 return False
         return True
 
