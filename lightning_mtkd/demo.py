@@ -4,20 +4,28 @@
 
 Trains (or reuses, when a checkpoint of the same config exists) a multi-task conv teacher, then
 trains one small student from labels alone and one with :class:`SharedDistiller`, and prints a
-per-task test-accuracy table with parameter counts. Model selection uses the validation split.
+per-task test-accuracy table with parameter counts.
+
+The helpers here (:func:`conv_net`, :func:`train_or_reuse`, :func:`fit_and_test`) are the recipe that
+``benchmarks/quality.py`` runs for every strategy, so the demo and the benchmark measure the same way:
+the same budget and cosine schedule for every student, the last epoch's weights (no selection on the
+test split), and the test split read once per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from rich.console import Console
 from rich.table import Table
@@ -27,89 +35,116 @@ from lightning_mtkd.data import MultiMNISTDataModule
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet, count_parameters
 
 TASKS = [Task("left", num_classes=10), Task("right", num_classes=10)]
-HEADS = {"left": 10, "right": 10}
 
 #: Small data (5,000 composites from 1,000 digits): the regime where a student overfits without a teacher
 #: (shared/MEASUREMENTS.md). The teacher is regularised with dropout; the student is ~15× smaller.
 DEFAULTS: dict[str, Any] = {
     "teacher": {"widths": [32, 64], "hidden": 256, "dropout": 0.5, "epochs": 20, "seed": 1},
-    "student": {"widths": [8, 16], "hidden": 64, "epochs": 20},
+    "student": {"widths": [8, 16], "hidden": 64, "epochs": 20, "lr": 2e-3},
     "data": {"num_train": 5000, "num_val": 1000, "num_test": 2000, "batch_size": 128},
     "distill": {"temperature": 4.0, "alpha": 0.5, "hint_weight": 1.0},
     "seed": 1,
 }
 
 
-def _trainer(epochs: int, name: str, root: str, progress: bool) -> L.Trainer:
-    checkpoint = ModelCheckpoint(dirpath=os.path.join(root, name), filename="best", monitor="val/loss", mode="min")
+def conv_net(spec: dict[str, Any], tasks: list[Task] = TASKS) -> MultiTaskNet:
+    """A ``ConvBackbone`` multi-task net from a ``{"widths", "hidden", "dropout"?}`` spec."""
+    backbone = ConvBackbone(widths=spec["widths"], hidden=spec["hidden"], dropout=spec.get("dropout", 0.0))
+    return MultiTaskNet(backbone, {task.name: task.num_classes for task in tasks})
+
+
+def student_optimizer(spec: dict[str, Any]) -> dict[str, Any]:
+    """Adam with a cosine schedule over the whole budget: every student row gets exactly this."""
+    return {
+        "optimizer": functools.partial(torch.optim.Adam, lr=spec["lr"]),
+        "scheduler": functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=spec["epochs"]),
+    }
+
+
+def trainer(epochs: int, progress: bool, callbacks: list[Any] | None = None) -> L.Trainer:
     return L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         logger=False,
-        callbacks=[checkpoint] + ([RichProgressBar(leave=False)] if progress else []),
+        callbacks=(callbacks or []) + ([RichProgressBar(leave=False)] if progress else []),
+        enable_checkpointing=bool(callbacks),
         enable_progress_bar=progress,
         enable_model_summary=False,
         deterministic=True,
     )
 
 
-def _fit_and_test(
-    module: L.LightningModule, dm: MultiMNISTDataModule, epochs: int, name: str, root: str, progress: bool
-) -> dict[str, float]:
-    trainer = _trainer(epochs, name, root, progress)
-    trainer.fit(module, dm)
-    result = trainer.test(module, dm, ckpt_path="best", verbose=False)[0]
-    return {task.name: result[f"test/{task.name}/acc"] for task in TASKS}
+def train_or_reuse(
+    name: str,
+    make_module: Callable[[], MultiTaskModule],
+    spec: dict[str, Any],
+    dm: L.LightningDataModule,
+    data_config: dict[str, Any],
+    root: str,
+    progress: bool = True,
+) -> str:
+    """Checkpoint of the teacher ``name`` trained with ``spec`` (best epoch on ``val/loss``), reused if it exists.
 
-
-def teacher_checkpoint(config: dict[str, Any], root: str, dm: MultiMNISTDataModule, progress: bool) -> str:
-    """Path of the teacher trained with this config, training it first if no such checkpoint exists."""
-    key = hashlib.sha256(json.dumps([config["teacher"], config["data"]], sort_keys=True).encode())
-    path = os.path.join(root, f"teacher-{key.hexdigest()[:12]}.ckpt")
+    The checkpoint is keyed by a hash of the name, the spec and the data config: change any and it retrains.
+    """
+    key = hashlib.sha256(json.dumps([name, spec, data_config], sort_keys=True).encode()).hexdigest()
+    path = os.path.join(root, f"{name}-{key[:12]}.ckpt")
     if os.path.exists(path):
-        print(f"Reusing teacher checkpoint {path}")
+        print(f"Reusing {name} checkpoint {path}")
         return path
-    spec = config["teacher"]
     L.seed_everything(spec["seed"], workers=True)
-    backbone = ConvBackbone(widths=spec["widths"], hidden=spec["hidden"], dropout=spec["dropout"])
-    teacher = MultiTaskModule(MultiTaskNet(backbone, HEADS), TASKS)
-    trainer = _trainer(spec["epochs"], "teacher", root, progress)
-    trainer.fit(teacher, dm)
-    shutil.copyfile(trainer.checkpoint_callback.best_model_path, path)  # the best epoch on validation
+    workdir = os.path.join(root, f"{name}-work")
+    shutil.rmtree(workdir, ignore_errors=True)
+    checkpoint = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val/loss", mode="min")
+    trainer(spec["epochs"], progress, [checkpoint]).fit(make_module(), dm)
+    shutil.copyfile(checkpoint.best_model_path, path)
     return path
+
+
+def fit_and_test(
+    module: MultiTaskModule, dm: L.LightningDataModule, epochs: int, progress: bool = True
+) -> dict[str, float]:
+    """Fit for ``epochs`` and return the last epoch's test metrics (``test/<task>/acc`` …)."""
+    run = trainer(epochs, progress)
+    run.fit(module, dm)
+    return run.test(module, dm, verbose=False)[0]
+
+
+def demo_datamodule(config: dict[str, Any]) -> MultiMNISTDataModule:
+    return MultiMNISTDataModule(**config["data"], seed=0)
+
+
+def multitask_teacher(config: dict[str, Any], dm: L.LightningDataModule, root: str, progress: bool) -> str:
+    spec = config["teacher"]
+    make = lambda: MultiTaskModule(conv_net(spec), TASKS)  # noqa: E731 - a one-line factory
+    return train_or_reuse("teacher", make, spec, dm, config["data"], root, progress)
 
 
 def run(config: dict[str, Any] = DEFAULTS, root: str = ".cache/demo", progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     os.makedirs(root, exist_ok=True)
-    dm = MultiMNISTDataModule(**config["data"], seed=0)
-    teacher_path = teacher_checkpoint(config, root, dm, progress)
+    dm = demo_datamodule(config)
+    teacher_path = multitask_teacher(config, dm, root, progress)
     teacher = MultiTaskModule.load_from_checkpoint(teacher_path, weights_only=True)
-    teacher_acc = _fit_and_test_teacher(teacher, dm)
+    teacher_result = trainer(1, False).test(teacher, dm, verbose=False)[0]
 
-    def student() -> MultiTaskNet:
-        spec = config["student"]
-        return MultiTaskNet(ConvBackbone(widths=spec["widths"], hidden=spec["hidden"]), HEADS)
+    spec = config["student"]
+    L.seed_everything(config["seed"], workers=True)
+    scratch = MultiTaskModule(conv_net(spec), TASKS, **student_optimizer(spec))
+    scratch_result = fit_and_test(scratch, dm, spec["epochs"], progress)
+    L.seed_everything(config["seed"], workers=True)
+    distilled = SharedDistiller(conv_net(spec), teacher_path, TASKS, **config["distill"], **student_optimizer(spec))
+    distilled_result = fit_and_test(distilled, dm, spec["epochs"], progress)
 
-    epochs = config["student"]["epochs"]
-    L.seed_everything(config["seed"], workers=True)
-    scratch = MultiTaskModule(student(), TASKS)
-    scratch_acc = _fit_and_test(scratch, dm, epochs, "scratch", root, progress)
-    L.seed_everything(config["seed"], workers=True)
-    distilled = SharedDistiller(student(), teacher_path, TASKS, **config["distill"])
-    distilled_acc = _fit_and_test(distilled, dm, epochs, "shared", root, progress)
+    def accuracy(result: dict[str, float]) -> dict[str, float]:
+        return {task.name: result[f"test/{task.name}/acc"] for task in TASKS}
+
     rows = {
-        "teacher": (teacher_acc, count_parameters(teacher.model)),
-        "scratch student": (scratch_acc, count_parameters(scratch.model)),
-        "distilled student (SharedDistiller)": (distilled_acc, count_parameters(distilled.model)),
+        "teacher": (accuracy(teacher_result), count_parameters(teacher.model)),
+        "scratch student": (accuracy(scratch_result), count_parameters(scratch.model)),
+        "distilled student (SharedDistiller)": (accuracy(distilled_result), count_parameters(distilled.model)),
     }
     return {"rows": rows, "seconds": time.perf_counter() - started}
-
-
-def _fit_and_test_teacher(teacher: MultiTaskModule, dm: MultiMNISTDataModule) -> dict[str, float]:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    result = trainer.test(teacher, dm, verbose=False)[0]
-    return {task.name: result[f"test/{task.name}/acc"] for task in TASKS}
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
@@ -124,12 +159,14 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Teacher → distilled student on MultiMNIST, against scratch.")
     parser.add_argument("--root", default=".cache/demo", help="where checkpoints go (the teacher is reused from here)")
     parser.add_argument("--epochs", type=int, help="override the student and teacher epochs (quick looks)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the two student runs")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     config = json.loads(json.dumps(DEFAULTS))
+    config["seed"] = args.seed
     if args.epochs:
         config["teacher"]["epochs"] = config["student"]["epochs"] = args.epochs
     print_table(run(config, args.root, progress=not args.no_progress))
