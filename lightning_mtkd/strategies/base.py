@@ -190,7 +190,13 @@ class MultiTaskModule(L.LightningModule):
 
         self._update_metrics(stage, student, teachers, targets)
         self._log_terms(stage, loss, task_losses, distill_terms, batch_size=inputs.shape[0])
-        return {"loss": loss, **{f"{name}/loss": value for name, value in task_losses.items()}, **distill_terms}
+        # Kept for callbacks that act between backward and the optimizer step (NonFiniteLossGuard).
+        self.step_terms = {
+            "loss": loss,
+            **{f"{name}/loss": value for name, value in task_losses.items()},
+            **distill_terms,
+        }
+        return self.step_terms
 
     def distillation_loss(
         self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
