@@ -81,3 +81,52 @@ def test_labels_out_of_range(tmp_path):
     module = MultiTaskModule(conv_net(), TASKS)
     with pytest.raises(ValueError, match=r"Task 'left': labels must lie in \[0, 9\]"):
         fit(module, tmp_path, MultiTaskDataModule(dataset, dataset, batch_size=4))
+
+
+def test_checkpoint_from_another_strategy(tmp_path, teacher_ckpt):
+    # A MultiTaskModule checkpoint resumed into a SharedDistiller: not its class.
+    module = SharedDistiller(conv_net(), teacher_ckpt, TASKS)
+    with pytest.raises(ValueError, match=r"written by lightning_mtkd.strategies.base.MultiTaskModule.*SharedDistiller"):
+        quick_trainer(tmp_path, max_steps=1).fit(module, random_datamodule(), ckpt_path=teacher_ckpt)
+
+
+def test_teacher_checkpoint_trained_on_another_task_set(tmp_path):
+    other = [Task("colour", num_classes=10)]
+    teacher = MultiTaskModule(MultiTaskNet(ConvBackbone(widths=(4, 8), hidden=16), {"colour": 10}), other)
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    dataset = MultiTaskDataset(torch.randn(8, 1, 12, 12), {"colour": torch.zeros(8, dtype=torch.long)})
+    trainer.fit(teacher, MultiTaskDataModule(dataset, dataset, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "colour.ckpt")
+    module = SharedDistiller(conv_net(), str(tmp_path / "colour.ckpt"), TASKS)
+    with pytest.raises(KeyError, match=r"teacher outputs no \['left', 'right'\] \(it outputs \['colour'\]\)"):
+        fit(module, tmp_path)
+
+
+def test_batch_that_is_not_a_dict(tmp_path):
+    module = MultiTaskModule(conv_net(), TASKS)
+    with pytest.raises(KeyError, match="must be a dict with 'input' and 'targets'"):
+        module.shared_step((torch.zeros(2, 1, 12, 12), torch.zeros(2)), "train")
+
+
+def test_empty_split(tmp_path):
+    empty = MultiTaskDataset(torch.zeros(0, 1, 12, 12), {"left": torch.zeros(0), "right": torch.zeros(0)})
+    with pytest.raises(ValueError, match="'val' split is empty"):
+        MultiTaskDataModule(random_datamodule().splits.get("train") or empty, empty).setup()
+
+
+def test_target_count_mismatch():
+    with pytest.raises(ValueError, match="task 'left' has 3 targets for 4 inputs"):
+        MultiTaskDataset(torch.zeros(4, 2), {"left": torch.zeros(3)})
+
+
+def test_hint_settings():
+    with pytest.raises(ValueError, match="hint_weight must be >= 0"):
+        SharedDistiller(conv_net(), conv_net(), TASKS, hint_weight=-1.0)
+    with pytest.raises(ValueError, match="needs `student_feature` and `teacher_feature`"):
+        SharedDistiller(conv_net(), conv_net(), TASKS, student_feature=None)
+
+
+def test_regression_targets_must_be_float():
+    task = Task("depth", kind="regression", num_classes=1)
+    with pytest.raises(TypeError, match="floating point"):
+        task.check_target(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_mtkd.config import build_module, hparams_from_locals
+from lightning_mtkd.config import build_module, class_path, hparams_from_locals
 from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.hooks import FeatureTap
 from lightning_mtkd.tasks import Task, as_tasks
@@ -280,6 +280,15 @@ class MultiTaskModule(L.LightningModule):
             kind, _, task = term.partition("/")
             named[f"{stage}/{task}/{kind}" if task else f"{stage}/{kind}"] = value
         self.log_dict(named, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=sync)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        written_by = checkpoint.get("hyper_parameters", {}).get("_class_path")
+        if written_by and not _is_subclass_of(type(self), written_by):
+            raise ValueError(
+                f"this checkpoint was written by {written_by}, but it is being loaded into {class_path(self)}. Load it "
+                f"with the class that wrote it (`{written_by.rsplit('.', 1)[-1]}.load_from_checkpoint`, or the config "
+                "it was trained with), or start a new fit without `ckpt_path`."
+            )
 
     def on_train_epoch_end(self) -> None:
         weights = self.weighting.current_weights()
@@ -613,6 +622,16 @@ def load_teacher(path: str, name: str = TEACHER) -> nn.Module:
         )
     module = MultiTaskModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     return module.model
+
+
+def _is_subclass_of(cls: type, path: str) -> bool:
+    """Whether ``cls`` is the class at ``path`` or a user's subclass of that strategy (compared by import path).
+
+    A checkpoint of a base module (a teacher or scratch run) does not resume into a distillation strategy.
+    """
+    if path in (class_path(MultiTaskModule), class_path(DistillationModule)):
+        return class_path(cls) == path
+    return any(class_path(klass) == path for klass in cls.__mro__)
 
 
 def _feature_tensor(feature: Any) -> Tensor:
