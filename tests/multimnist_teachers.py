@@ -7,6 +7,7 @@ import functools
 from collections.abc import Iterator
 
 import lightning as L
+import pytest
 import torch
 from conftest import TASKS, quick_trainer
 
@@ -26,6 +27,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """A test on one intra-op thread (use with ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    with one_thread():
+        yield
+
+
 @functools.lru_cache(maxsize=1)
 def small_multimnist() -> MultiMNISTDataModule:
     """512 training composites of real MNIST digits, batch 16 (32 steps an epoch)."""
@@ -39,7 +47,7 @@ def mnist_net(widths: tuple[int, int], hidden: int, heads: tuple[str, ...] = ("l
     return MultiTaskNet(ConvBackbone(widths=widths, hidden=hidden), {name: 10 for name in heads})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist_teacher(heads: tuple[str, ...] = ("left", "right"), hidden: int = 32, steps: int = 100) -> MultiTaskNet:
     """A teacher trained for a few dozen steps on its tasks: better than chance, far from perfect."""
     import tempfile
@@ -63,6 +71,17 @@ def fit_and_measure(module: DistillationModule, tmp_path, steps: int = 200) -> t
         before = measure()
         quick_trainer(tmp_path, max_steps=steps, max_epochs=-1, limit_val_batches=0).fit(module, dm)
         return before, measure()
+
+
+class GradProbe(L.Callback):
+    """Records which parameters hold a non-zero gradient before the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, bool] = {}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {id(p): p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters()}
 
 
 def single_task(name: str) -> list[Task]:

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
-from multimnist_teachers import fit_and_measure, mnist_net, mnist_teacher
+from multimnist_teachers import GradProbe, fit_and_measure, mnist_net, mnist_teacher, single_thread  # noqa: F401
 from test_cli_configs import SMALL_DATA
 from torch import Tensor, nn
 
@@ -14,6 +14,8 @@ from lightning_mtkd import ModelOutputs, MultiTaskModule, TaskSpecificDistiller
 from lightning_mtkd.cli import main
 from lightning_mtkd.losses.functional import feature_distance, soft_target_kd
 from lightning_mtkd.models import Adaptor, ConvBackbone, MultiTaskNet
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see multimnist_teachers.one_thread
 
 
 def single_teacher(task: str, hidden: int) -> MultiTaskNet:
@@ -30,17 +32,6 @@ class BareRightTeacher(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
-
-
-class GradProbe(L.Callback):
-    """Records which parameters hold a non-zero gradient before the first optimizer step."""
-
-    def __init__(self) -> None:
-        self.grads: dict[int, bool] = {}
-
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        if not self.grads:
-            self.grads = {id(p): p.grad is not None and bool(p.grad.abs().sum() > 0) for p in module.parameters()}
 
 
 def test_heterogeneous_teachers_adaptors_get_gradients_teachers_none_own_lr(tmp_path):
@@ -64,7 +55,8 @@ def test_heterogeneous_teachers_adaptors_get_gradients_teachers_none_own_lr(tmp_
     assert groups["adaptors"]["lr"] == 0.05 and groups["model"]["lr"] == 1e-3
     metrics = trainer.callback_metrics
     for task in HEADS:
-        assert {f"train/{task}/kd", f"train/{task}/feat", f"train/{task}/loss", f"val/{task}/teacher_acc"} <= set(metrics)
+        expected = {f"train/{task}/kd", f"train/{task}/feat", f"train/{task}/loss", f"val/{task}/teacher_acc"}
+        assert expected <= set(metrics)
 
     path = tmp_path / "ts.ckpt"
     trainer.save_checkpoint(path)
@@ -94,7 +86,8 @@ def test_each_task_is_distilled_from_its_own_teacher_by_hand():
         expected_feat = 0.5 * feature_distance(adapted, teachers[teacher].features["backbone"], "cosine")
         torch.testing.assert_close(terms[f"kd/{task}"], expected_kd)
         torch.testing.assert_close(terms[f"feat/{task}"], expected_feat)
-    assert not torch.allclose(terms["kd/right"], soft_target_kd(student.outputs["right"], teachers["mt"].outputs["right"], 2.0))
+    from_wrong_teacher = soft_target_kd(student.outputs["right"], teachers["mt"].outputs["right"], 2.0)
+    assert not torch.allclose(terms["kd/right"], from_wrong_teacher)
 
 
 def test_distillation_terms_fall_on_multimnist(tmp_path):
@@ -118,10 +111,9 @@ def test_cli_fits_task_specific_yaml_for_one_step(tmp_path):
         paths[task] = tmp_path / f"teacher_{task}.ckpt"
         trainer.save_checkpoint(paths[task])
     config = Path(__file__).parents[1] / "configs" / "multimnist" / "task_specific.yaml"
-    cli = main(
-        ["fit", "--config", str(config), f"--model.init_args.teacher={{left: {paths['left']}, right: {paths['right']}}}",
-         "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA]
-    )
+    teachers = f"--model.init_args.teacher={{left: {paths['left']}, right: {paths['right']}}}"
+    cli = main(["fit", "--config", str(config), teachers, "--trainer.fast_dev_run=1",
+                f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA])
     assert {"train/left/feat", "train/right/kd"} <= set(cli.trainer.callback_metrics)
     assert cli.model.adaptors["right"].proj.out_features == 24
 

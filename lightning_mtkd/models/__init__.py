@@ -6,4 +6,13 @@ from lightning_mtkd.models.hooks import FeatureTap, resolve_module
 from lightning_mtkd.models.multitask import MultiTaskNet
 from lightning_mtkd.models.students import TaskStudents
 
-__all__ = ["Adaptor", "ConvBackbone", "FeatureTap", "MLPBackbone", "MultiTaskNet", "TaskStudents", "count_parameters", "resolve_module"]
+__all__ = [
+    "Adaptor",
+    "ConvBackbone",
+    "FeatureTap",
+    "MLPBackbone",
+    "MultiTaskNet",
+    "TaskStudents",
+    "count_parameters",
+    "resolve_module",
+]

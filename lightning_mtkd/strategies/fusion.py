@@ -11,7 +11,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtkd.losses.functional import confidence_weights, masked_mean
-from lightning_mtkd.strategies.base import TEACHER, DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
+from lightning_mtkd.strategies.base import (
+    TEACHER,
+    DistillationModule,
+    ModelOutputs,
+    _save_config_hparams,
+    teacher_config,
+)
 from lightning_mtkd.tasks import Task
 from lightning_mtkd.weighting.base import Weighting
 
@@ -124,7 +130,8 @@ class FusionDistiller(DistillationModule):
         super().check_teacher_outputs(teachers)  # every task has at least one teacher
         for task in self.tasks:
             names = self.covering_teachers(teachers, task)
-            if self.fixed_weights is not None and sum(self.fixed_weights[self.teacher_names.index(n)] for n in names) == 0:
+            fixed = self.fixed_weights
+            if fixed is not None and sum(fixed[self.teacher_names.index(n)] for n in names) == 0:
                 raise ValueError(
                     f"task {task!r} is output only by teacher(s) {names}, whose fixed fusion weights are all 0; give "
                     "one of them a positive weight."

@@ -155,10 +155,8 @@ class TransferDistiller(DistillationModule):
                 f"from a config), or save `module.student({name!r}).state_dict()` instead."
             )
         path = os.fspath(path)
-        torch.save(
-            {"state_dict": standalone.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": L.__version__},
-            path,
-        )
+        checkpoint = {"state_dict": standalone.state_dict(), "hyper_parameters": hparams}
+        torch.save({**checkpoint, "pytorch-lightning_version": L.__version__}, path)
         return path
 
 
