@@ -11,7 +11,13 @@ from multimnist_teachers import GradProbe, fit_and_measure, mnist_net, mnist_tea
 from test_cli_configs import SMALL_DATA
 from torch import Tensor, nn
 
-from lightning_mtkd import FusionDistiller, ModelOutputs, MultiTaskModule
+from lightning_mtkd import FusionDistiller, ModelOutputs, MultiTaskModule, Task
+from lightning_mtkd.losses.functional import (
+    confidence_weights,
+    fuse_binary_soft_targets,
+    fuse_soft_targets,
+    soft_target_kd,
+)
 from lightning_mtkd.cli import main
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
 
@@ -208,3 +214,57 @@ def test_task_no_teacher_covers(tmp_path):
     module = FusionDistiller(conv_net(), {"solo": solo}, TASKS)
     with pytest.raises(KeyError, match=r"no teacher outputs task 'right'"):
         quick_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, random_datamodule())
+
+
+# ------------------------------------------------------------------------------ the pure functions underneath
+def test_fused_soft_target_is_the_mixture_and_its_gradient_that_of_the_weighted_teacher_losses():
+    torch.manual_seed(0)
+    z = torch.randn(3, 5, 7) * 2
+    w = torch.softmax(torch.randn(3, 5), dim=0)
+    fused = fuse_soft_targets(z, w, T)
+    torch.testing.assert_close(F.softmax(fused / T, dim=1), (w.unsqueeze(-1) * F.softmax(z / T, dim=2)).sum(0))
+    student = torch.randn(5, 7, requires_grad=True)
+    (grad_fused,) = torch.autograd.grad(soft_target_kd(student, fused, T), student)
+    # Σ_k w_kb KL(p_kb ‖ q_b), per sample: CA-MKD's weighted multi-teacher loss
+    weighted = sum((w[k] * F.kl_div(F.log_softmax(student / T, 1), F.softmax(z[k] / T, 1), reduction="none").sum(1))
+                   for k in range(3)).mean() * T**2
+    (grad_weighted,) = torch.autograd.grad(weighted, student)
+    torch.testing.assert_close(grad_fused, grad_weighted)
+
+
+def test_fusion_of_multilabel_and_regression_outputs():
+    torch.manual_seed(0)
+    z, w = torch.randn(2, 4, 3), torch.tensor([[0.25] * 4, [0.75] * 4])
+    multilabel = Task("tags", kind="multilabel", num_classes=3)
+    fused = multilabel.fuse_teacher_outputs(z, w, T)
+    torch.testing.assert_close(torch.sigmoid(fused / T), 0.25 * torch.sigmoid(z[0] / T) + 0.75 * torch.sigmoid(z[1] / T))
+    torch.testing.assert_close(fuse_binary_soft_targets(z, w, T), fused)
+    regression = Task("age", kind="regression", num_classes=3)
+    torch.testing.assert_close(regression.fuse_teacher_outputs(z, w, T), 0.25 * z[0] + 0.75 * z[1])
+
+
+def test_confidence_weights_closed_form():
+    losses = torch.tensor([[0.1, 2.0], [1.0, 2.0]])  # 2 teachers, 2 samples
+    weights = confidence_weights(losses, torch.tensor([True, False]))
+    e = torch.tensor([0.1, 1.0]).exp()
+    torch.testing.assert_close(weights[:, 0], 1 - e / e.sum())  # K - 1 = 1
+    torch.testing.assert_close(weights[:, 1], torch.tensor([0.5, 0.5]))  # label missing: uniform
+    torch.testing.assert_close(confidence_weights(losses[:1], torch.tensor([True, True])), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("kind", ["classification", "multilabel", "regression"])
+def test_per_sample_loss_averages_to_the_supervised_loss(kind):
+    torch.manual_seed(0)
+    task = Task("t", kind=kind, num_classes=4)
+    output = torch.randn(6, 4)
+    if kind == "classification":
+        target = torch.tensor([0, 1, -100, 3, 2, 1])
+    elif kind == "multilabel":
+        target = torch.randint(0, 2, (6, 4))
+        target[2] = -100
+    else:
+        target = torch.randn(6, 4)
+        target[2] = float("nan")
+    per_sample, present = task.per_sample_loss(output, target)
+    assert per_sample.shape == (6,) and present.tolist() == [True, True, False, True, True, True]
+    torch.testing.assert_close(per_sample[present].mean(), task.supervised_loss(output, target))

@@ -114,7 +114,8 @@ class FusionDistiller(DistillationModule):
         if self.fusion == "mean":
             return stacked.new_full((k, batch), 1.0 / k), None
         if self.fusion == "weights":
-            fixed = torch.stack([self._fixed[self.teacher_names.index(name)] for name in names])
+            all_fixed = self.get_buffer("_fixed")
+            fixed = torch.stack([all_fixed[self.teacher_names.index(name)] for name in names])
             return (fixed / fixed.sum().clamp_min(torch.finfo(fixed.dtype).tiny)).unsqueeze(1).expand(k, batch), None
         spec = self.tasks[task]
         losses, present = zip(*(spec.per_sample_loss(output, target) for output in stacked), strict=True)

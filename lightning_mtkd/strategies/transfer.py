@@ -108,16 +108,22 @@ class TransferDistiller(DistillationModule):
         self.hint_weight = hint_weight
         self.distance: FeatureDistance = distance
 
+    @property
+    def students(self) -> TaskStudents:
+        """All students, by name (the module's ``model``)."""
+        assert isinstance(self.model, TaskStudents)
+        return self.model
+
     def student(self, name: str) -> nn.Module:
         """The network ``name`` alone (it runs without this module)."""
-        if name not in self.model:
-            raise KeyError(f"no student {name!r}; the students are {list(self.model)}.")
-        return self.model[name]
+        if name not in self.students:
+            raise KeyError(f"no student {name!r}; the students are {list(self.students)}.")
+        return self.students[name]
 
     def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
         if self.hint_weight == 0:
             return {}
-        return {name: (f"{name}.{self.student_feature}", TEACHER, str(self.teacher_feature)) for name in self.model}
+        return {name: (f"{name}.{self.student_feature}", TEACHER, str(self.teacher_feature)) for name in self.students}
 
     def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
         missing = [name for name in self.tasks if name not in teachers[TEACHER].outputs]
@@ -133,7 +139,7 @@ class TransferDistiller(DistillationModule):
         terms = self.soft_target_terms(student, teachers)
         if self.hint_weight > 0:
             target = teachers[TEACHER].features[str(self.teacher_feature)]  # one teacher feature for all students
-            for name in self.model:
+            for name in self.students:
                 adapted = self.adaptors[name](student.features[f"{name}.{self.student_feature}"])
                 terms[f"hint/{name}"] = self.hint_weight * feature_distance(adapted, target, self.distance)
         return terms
@@ -146,7 +152,7 @@ class TransferDistiller(DistillationModule):
         models, or any model built by LightningCLI).
         """
         network = self.student(name)
-        standalone = MultiTaskModule(network, [self.tasks[task] for task in self.model.tasks_of(name)])
+        standalone = MultiTaskModule(network, [self.tasks[task] for task in self.students.tasks_of(name)])
         hparams = dict(standalone.hparams)
         if hparams.get("model") is None:
             raise ValueError(
