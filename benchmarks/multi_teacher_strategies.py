@@ -15,7 +15,7 @@ import time
 import lightning as L
 import torch
 
-from lightning_mtkd import FusionDistiller, MultiTaskModule, TaskSpecificDistiller, Task, TransferDistiller
+from lightning_mtkd import FusionDistiller, MultiTaskModule, Task, TaskSpecificDistiller, TransferDistiller
 from lightning_mtkd.data import MultiMNISTDataModule
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet, count_parameters
 
@@ -62,10 +62,12 @@ def main() -> None:
 
     runs = {
         "scratch": lambda: MultiTaskModule(student(), TASKS),
-        "task_specific": lambda: TaskSpecificDistiller(student(), {"left": teachers["left"], "right": teachers["right"]},
-                                                       TASKS),
-        "transfer": lambda: TransferDistiller({"left": net((6, 12), 48, ("left",)), "right": net((6, 12), 48, ("right",))},
-                                              teachers["multitask"], TASKS),
+        "task_specific": lambda: TaskSpecificDistiller(
+            student(), {"left": teachers["left"], "right": teachers["right"]}, TASKS
+        ),
+        "transfer": lambda: TransferDistiller(
+            {"left": net((6, 12), 48, ("left",)), "right": net((6, 12), 48, ("right",))}, teachers["multitask"], TASKS
+        ),
         "fusion mean": lambda: FusionDistiller(student(), dict(teachers), TASKS, fusion="mean"),
         "fusion confidence": lambda: FusionDistiller(student(), dict(teachers), TASKS, fusion="confidence"),
         "fusion learned": lambda: FusionDistiller(student(), dict(teachers), TASKS, fusion="learned"),
@@ -77,8 +79,8 @@ def main() -> None:
         module = build()
         metrics, seconds = fit(module, dm, args.epochs)
         params = count_parameters(module.model)
-        print(f"| {name} | {params} | {metrics['test/left/acc']:.3f} | {metrics['test/right/acc']:.3f} | {seconds:.0f} |",
-              flush=True)
+        left, right = metrics["test/left/acc"], metrics["test/right/acc"]
+        print(f"| {name} | {params} | {left:.3f} | {right:.3f} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

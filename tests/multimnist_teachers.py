@@ -48,12 +48,12 @@ def mnist_net(widths: tuple[int, int], hidden: int, heads: tuple[str, ...] = ("l
 
 
 @functools.cache
-def mnist_teacher(heads: tuple[str, ...] = ("left", "right"), hidden: int = 32, steps: int = 100) -> MultiTaskNet:
+def mnist_teacher(heads: tuple[str, ...] = ("left", "right"), hidden: int = 32, steps: int = 80) -> MultiTaskNet:
     """A teacher trained for a few dozen steps on its tasks: better than chance, far from perfect."""
     import tempfile
 
     L.seed_everything(len(heads) + hidden)
-    module = MultiTaskModule(mnist_net((8, 16), hidden, heads), [t for t in TASKS if t.name in heads])
+    module = MultiTaskModule(mnist_net((6, 12), hidden, heads), [t for t in TASKS if t.name in heads])
     with tempfile.TemporaryDirectory() as tmp, one_thread():
         quick_trainer(tmp, max_steps=steps, max_epochs=-1, limit_val_batches=0).fit(module, small_multimnist())
     return module.model.eval()

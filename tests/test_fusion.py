@@ -12,13 +12,13 @@ from test_cli_configs import SMALL_DATA
 from torch import Tensor, nn
 
 from lightning_mtkd import FusionDistiller, ModelOutputs, MultiTaskModule, Task
+from lightning_mtkd.cli import main
 from lightning_mtkd.losses.functional import (
     confidence_weights,
     fuse_binary_soft_targets,
     fuse_soft_targets,
     soft_target_kd,
 )
-from lightning_mtkd.cli import main
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see multimnist_teachers.one_thread
@@ -53,8 +53,8 @@ def test_mean_fusion_matches_hand_computation_and_leaves_out_a_teacher_missing_t
     module = fusion_module("mean")
     terms = module.distillation_loss(student, teachers, batch)
     p = {name: {t: F.softmax(z / T, dim=1) for t, z in out.items()} for name, out in logits.items()}
-    torch.testing.assert_close(terms["kd/left"], reference_kd(student.outputs["left"],
-                                                              (p["a"]["left"] + p["b"]["left"] + p["solo"]["left"]) / 3))
+    left = (p["a"]["left"] + p["b"]["left"] + p["solo"]["left"]) / 3
+    torch.testing.assert_close(terms["kd/left"], reference_kd(student.outputs["left"], left))
     # `solo` does not output `right`: right is the mean of a and b alone
     torch.testing.assert_close(terms["kd/right"], reference_kd(student.outputs["right"],
                                                                (p["a"]["right"] + p["b"]["right"]) / 2))
@@ -136,8 +136,9 @@ def test_learned_gates_sized_by_dry_run_trained_logged_and_reloaded(tmp_path, te
 
 def test_distillation_term_falls_on_multimnist(tmp_path):
     L.seed_everything(0)
-    teachers = {"multitask": mnist_teacher(), "left": mnist_teacher(("left",), 32), "right": mnist_teacher(("right",), 48)}
-    module = FusionDistiller(mnist_net((4, 8), 16), teachers, TASKS, fusion="confidence", alpha=1.0, temperature=2.0)
+    teachers = {"multitask": mnist_teacher(), "left": mnist_teacher(("left",), 32),
+                "right": mnist_teacher(("right",), 48)}
+    module = FusionDistiller(mnist_net((2, 4), 16), teachers, TASKS, fusion="confidence", alpha=1.0, temperature=2.0)
     before, after = fit_and_measure(module, tmp_path)
     for task in ("left", "right"):
         assert after[f"val/{task}/kd"] < 0.8 * before[f"val/{task}/kd"], (before, after)
@@ -237,7 +238,8 @@ def test_fusion_of_multilabel_and_regression_outputs():
     z, w = torch.randn(2, 4, 3), torch.tensor([[0.25] * 4, [0.75] * 4])
     multilabel = Task("tags", kind="multilabel", num_classes=3)
     fused = multilabel.fuse_teacher_outputs(z, w, T)
-    torch.testing.assert_close(torch.sigmoid(fused / T), 0.25 * torch.sigmoid(z[0] / T) + 0.75 * torch.sigmoid(z[1] / T))
+    mixture = 0.25 * torch.sigmoid(z[0] / T) + 0.75 * torch.sigmoid(z[1] / T)
+    torch.testing.assert_close(torch.sigmoid(fused / T), mixture)
     torch.testing.assert_close(fuse_binary_soft_targets(z, w, T), fused)
     regression = Task("age", kind="regression", num_classes=3)
     torch.testing.assert_close(regression.fuse_teacher_outputs(z, w, T), 0.25 * z[0] + 0.75 * z[1])
