@@ -112,6 +112,10 @@ class TaskSpecificDistiller(DistillationModule):
             for task, teacher in self.task_teachers.items()
         }
 
+    def teacher_for_task(self, teachers: Mapping[str, ModelOutputs], task: str) -> ModelOutputs | None:
+        """The task's own teacher (its distillation target, and the one whose metrics are logged beside it)."""
+        return teachers.get(self.task_teachers[task]) if task in self.task_teachers else None
+
     def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
         for task, teacher in self.task_teachers.items():
             if task not in teachers[teacher].outputs:
