@@ -80,9 +80,10 @@ def test_each_task_is_distilled_from_its_own_teacher_by_hand():
         "right": ModelOutputs({"right": torch.randn(4, 10)}, {"backbone": torch.randn(4, 24)}),
     }
     terms = module.distillation_loss(student, teachers, {})
-    # `right` is output by both teachers; its own teacher is the one named after it (also for teacher_acc)
-    assert module.teacher_for_task(teachers, "right") is teachers["right"]
-    assert module.teacher_for_task(teachers, "left") is teachers["mt"]
+    # the task's own teacher, even where another teacher (listed first) outputs the task too (also for teacher_acc)
+    both = {name: ModelOutputs({t: torch.randn(4, 10) for t in HEADS}) for name in ("right", "mt")}
+    assert module.teacher_for_task(both, "left") is both["mt"]
+    assert module.teacher_for_task(both, "right") is both["right"]
     for task, teacher in (("left", "mt"), ("right", "right")):
         expected_kd = soft_target_kd(student.outputs[task], teachers[teacher].outputs[task], 2.0)
         adapted = module.adaptors[task](student.features["backbone"])
