@@ -59,6 +59,8 @@ def test_mean_fusion_matches_hand_computation_and_leaves_out_a_teacher_missing_t
     torch.testing.assert_close(terms["kd/right"], reference_kd(student.outputs["right"],
                                                                (p["a"]["right"] + p["b"]["right"]) / 2))
     assert module._fusion_log["right"][0] == ["a", "b"] and module._fusion_log["left"][0] == ["a", "b", "solo"]
+    # the fused target is kept for the teacher metrics logged beside the student's
+    torch.testing.assert_close(F.softmax(module._fused["right"] / T, dim=1), (p["a"]["right"] + p["b"]["right"]) / 2)
 
 
 def test_fixed_weights_match_hand_computation_renormalised_per_task():
@@ -126,6 +128,7 @@ def test_learned_gates_sized_by_dry_run_trained_logged_and_reloaded(tmp_path, te
     torch.testing.assert_close(metrics["val/left/fusion_mt"] + metrics["val/left/fusion_solo"], torch.tensor(1.0))
     assert "val/right/fusion_solo" not in metrics and metrics["val/right/fusion_mt"] == 1.0
     assert "train/left/gate" in metrics and "train/left/fusion_solo" in metrics
+    assert "val/left/teacher_acc" in metrics  # of the fused target
 
     path = tmp_path / "fusion.ckpt"
     trainer.save_checkpoint(path)

@@ -49,7 +49,8 @@ class FusionDistiller(DistillationModule):
       only the gate); the KD term uses its weights as constants, so the student cannot pull the
       target towards itself. Gates train in the adaptors' parameter group (``adaptor_lr``).
 
-    The mean fusion weight of each teacher is logged per task and epoch as ``<stage>/<task>/fusion_<teacher>``.
+    The mean fusion weight of each teacher is logged per task and epoch as ``<stage>/<task>/fusion_<teacher>``;
+    the teacher metrics beside the student's (``val/<task>/teacher_acc``) are those of the fused target.
 
     Args:
         student: The multi-task student.
@@ -99,6 +100,7 @@ class FusionDistiller(DistillationModule):
         self.register_buffer("_fixed", torch.tensor(self.fixed_weights or [], dtype=torch.float), persistent=False)
         self.gates = nn.ModuleDict()
         self._fusion_log: dict[str, tuple[list[str], Tensor]] = {}
+        self._fused: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------ which teachers, what weights
     def covering_teachers(self, teachers: Mapping[str, ModelOutputs], task: str) -> list[str]:
@@ -157,7 +159,19 @@ class FusionDistiller(DistillationModule):
             if gate_loss is not None:
                 terms[f"gate/{name}"] = gate_loss
             self._fusion_log[name] = (names, weights.detach().mean(dim=1))
+            self._fused[name] = fused
         return terms
+
+    def _update_metrics(
+        self,
+        stage: str,
+        student: ModelOutputs,
+        teachers: dict[str, ModelOutputs],
+        targets: Mapping[str, Tensor],
+    ) -> None:
+        # The teacher beside the student in the logs (`val/<task>/teacher_acc`) is the fused target.
+        fused, self._fused = self._fused, {}
+        super()._update_metrics(stage, student, {"fused": ModelOutputs(fused)} if fused else teachers, targets)
 
     def _log_terms(
         self,
