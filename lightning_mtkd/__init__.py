@@ -1,8 +1,29 @@
 """lightning-mtkd: multi-task knowledge distillation strategies for PyTorch Lightning."""
 
-from lightning_mtkd.strategies import DistillationModule, ModelOutputs, MultiTaskModule, SharedDistiller, load_teacher
+from lightning_mtkd.strategies import (
+    DistillationModule,
+    FusionDistiller,
+    ModelOutputs,
+    MultiTaskModule,
+    SharedDistiller,
+    TaskSpecificDistiller,
+    TransferDistiller,
+    load_student,
+    load_teacher,
+)
 from lightning_mtkd.tasks import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillationModule", "ModelOutputs", "MultiTaskModule", "SharedDistiller", "Task", "load_teacher"]
+__all__ = [
+    "DistillationModule",
+    "FusionDistiller",
+    "ModelOutputs",
+    "MultiTaskModule",
+    "SharedDistiller",
+    "Task",
+    "TaskSpecificDistiller",
+    "TransferDistiller",
+    "load_student",
+    "load_teacher",
+]

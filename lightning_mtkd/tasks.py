@@ -182,6 +182,33 @@ class Task:
         mask = self.valid_mask(target)
         return output[mask], target[mask]
 
+    def per_sample_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, present)``, both ``(B,)``: each sample's supervised loss (mean over its present labels)
+        and whether it has any label. Used to judge teachers per sample (confidence-weighted fusion)."""
+        target = self._as_output_shape(output, target)
+        mask = self.valid_mask(target)
+        if self.kind == "classification":
+            per = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
+        elif self.kind == "multilabel":
+            per = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
+        else:
+            per = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
+        batch = output.shape[0]
+        per, mask = per.reshape(batch, -1), mask.reshape(batch, -1).to(per.dtype)
+        return (per * mask).sum(1) / mask.sum(1).clamp_min(1.0), mask.sum(1) > 0
+
+    def fuse_teacher_outputs(self, outputs: Tensor, weights: Tensor, temperature: float) -> Tensor:
+        """One target from ``K`` teachers' outputs ``(K, B, ...)`` with per-sample weights ``(K, B)``.
+
+        A mixture of the soft targets at ``temperature`` for classification and multilabel tasks
+        (returned as logits, ready for :meth:`distillation_loss`), a weighted mean for regression.
+        """
+        if self.kind == "classification":
+            return LF.fuse_soft_targets(outputs, weights, temperature)
+        if self.kind == "multilabel":
+            return LF.fuse_binary_soft_targets(outputs, weights, temperature)
+        return (weights.reshape(*weights.shape, *([1] * (outputs.dim() - 2))) * outputs).sum(0)
+
 
 def as_tasks(tasks: list[Task] | list[dict] | tuple) -> dict[str, Task]:
     """Normalise a task list (objects or YAML dicts) into an ordered ``{name: Task}`` dict."""

@@ -81,3 +81,64 @@ def feature_distance(student: Tensor, teacher: Tensor, distance: FeatureDistance
     if distance == "l1":
         return (s - t).abs().sum(dim=1).mean()
     raise ValueError(f"unknown feature distance {distance!r}; use 'l2', 'cosine' or 'l1'.")
+
+
+def _per_sample(weights: Tensor, like: Tensor) -> Tensor:
+    """``(K, B)`` weights shaped to broadcast against ``(K, B, C, ...)`` teacher outputs."""
+    return weights.reshape(*weights.shape, *([1] * (like.dim() - 2)))
+
+
+def fuse_soft_targets(teacher_logits: Tensor, weights: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Fuse several teachers' softmax outputs into one soft target, returned as logits.
+
+    ``teacher_logits`` is ``(K, B, C, ...)`` (K teachers, classes on dimension 2) and ``weights``
+    ``(K, B)``, summing to one over K for each sample. The fused target is the mixture
+
+    .. math::
+        \tilde p_b = \sum_k w_{kb}\, \sigma(z^k_b / T), \qquad \tilde z_b = T \log \tilde p_b,
+
+    so that :func:`soft_target_kd` with ``teacher_logits=\tilde z`` at the same ``T`` distils the
+    mixture. Its gradient equals that of :math:`\sum_k w_k\,\mathrm{KL}(p_k\|q)` (the weighted
+    multi-teacher loss of CA-MKD, Zhang, Chen & Wang, ICASSP 2022): the two differ by a constant.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    probs = F.softmax(teacher_logits / temperature, dim=2)
+    fused = (_per_sample(weights, probs) * probs).sum(dim=0)
+    return temperature * fused.clamp_min(torch.finfo(fused.dtype).tiny).log()
+
+
+def fuse_binary_soft_targets(teacher_logits: Tensor, weights: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""The multi-label form of :func:`fuse_soft_targets`: a mixture of per-label sigmoids, as logits.
+
+    .. math::
+        \tilde p_{bc} = \sum_k w_{kb}\, \mathrm{sigmoid}(z^k_{bc} / T), \qquad
+        \tilde z_{bc} = T\, \mathrm{logit}(\tilde p_{bc})
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    probs = torch.sigmoid(teacher_logits / temperature)
+    fused = (_per_sample(weights, probs) * probs).sum(dim=0)
+    eps = torch.finfo(fused.dtype).eps
+    return temperature * torch.logit(fused, eps=eps)
+
+
+def confidence_weights(teacher_losses: Tensor, present: Tensor) -> Tensor:
+    r"""Per-sample teacher weights from each teacher's loss on the true label (CA-MKD).
+
+    For ``K`` teachers with per-sample losses :math:`L_{kb}` (``(K, B)``), as in Zhang, Chen & Wang,
+    *Confidence-Aware Multi-Teacher Knowledge Distillation* (ICASSP 2022):
+
+    .. math::
+        w_{kb} = \frac{1}{K-1}\Big(1 - \frac{\exp L_{kb}}{\sum_j \exp L_{jb}}\Big)
+
+    so the teacher that is more confident about the right answer gets more weight, and the
+    weights of each sample sum to one. One teacher gets weight 1; samples whose label is missing
+    (``present`` false, ``(B,)``) get uniform weights ``1/K``.
+    """
+    k = teacher_losses.shape[0]
+    uniform = torch.full_like(teacher_losses, 1.0 / k)
+    if k == 1:
+        return uniform
+    weights = (1 - F.softmax(teacher_losses, dim=0)) / (k - 1)
+    return torch.where(present.unsqueeze(0), weights, uniform)

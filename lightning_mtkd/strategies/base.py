@@ -342,7 +342,7 @@ class DistillationModule(MultiTaskModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | str | dict[str, nn.Module | str] | None,
+        teacher: nn.Module | str | dict[str, nn.Module | str | None] | None,
         tasks: list[Task],
         temperature: float = 4.0,
         alpha: float = 0.5,
@@ -357,7 +357,7 @@ class DistillationModule(MultiTaskModule):
 
     def _init_distillation(
         self,
-        teacher: nn.Module | str | dict[str, nn.Module | str] | None,
+        teacher: nn.Module | str | dict[str, nn.Module | str | None] | None,
         temperature: float,
         alpha: float,
         adaptor_lr: float | None,

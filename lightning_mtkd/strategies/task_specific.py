@@ -1,0 +1,164 @@
+"""Strategy 2 — multi-task distinct distillation: one teacher per task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_mtkd.losses.functional import FeatureDistance, feature_distance
+from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
+from lightning_mtkd.tasks import Task
+from lightning_mtkd.weighting.base import Weighting
+
+
+class TaskSpecificDistiller(DistillationModule):
+    r"""Each task has its own teacher; one multi-task student learns every task from its teacher.
+
+    For each task :math:`t` with teacher :math:`\tau(t)`, a small trainable adaptor :math:`A_t`
+    maps the student's shared feature :math:`f^s` into that teacher's feature space, and the
+    student minimises
+
+    .. math::
+        \mathcal{L} = \sum_t w_t\Big[(1-\alpha)\,\mathcal{L}^{sup}_t + \alpha\big(T^2\,
+        \mathrm{KL}(\sigma(z^{\tau(t)}_t/T)\,\|\,\sigma(z^s_t/T)) + \beta\, d(A_t(f^s), f^{\tau(t)})\big)\Big]
+
+    where :math:`d` compares channel-wise L2-normalised features (``l2`` by default, ``l1`` or
+    ``cosine``), as in Li & Bilen, *Knowledge Distillation for Multi-task Learning* (ECCV-W 2020),
+    and its follow-up *Universal Representations* (Li, Liu & Bilen, 2021); the soft-target term is
+    Hinton et al. (2015). The adaptors are sized by a dry run, so teachers may differ in
+    architecture and feature width, and they train in their own parameter group (``adaptor_lr``).
+    Terms are per task: ``kd/<task>`` and ``feat/<task>``, logged as ``train/<task>/kd`` and
+    ``train/<task>/feat``.
+
+    Args:
+        student: The multi-task student.
+        teacher: ``{name: module or checkpoint path}``. A teacher named after a task teaches that task
+            (a single-task teacher may return a bare Tensor); other teachers (e.g. a multi-task one)
+            teach the tasks that ``task_teachers`` maps to them.
+        tasks: The tasks; each needs a teacher.
+        task_teachers: ``{task: teacher name}`` for tasks whose teacher is not named after them.
+        temperature: Soft-target temperature ``T``.
+        alpha: Distillation share in [0, 1].
+        student_feature: Dotted path of the student's shared representation.
+        teacher_feature: Dotted path of the feature in each teacher: one path for all, or
+            ``{teacher name: path}`` (teachers of different architectures).
+        feature_weight: ``β``, weight of the feature term (0 turns it and the adaptors off).
+        distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
+        adaptor_lr: The adaptors' learning rate (the optimizer's own if ``None``).
+
+    Example (YAML)::
+
+        model:
+          class_path: lightning_mtkd.TaskSpecificDistiller
+          init_args:
+            teacher: {left: checkpoints/multimnist/teacher_left.ckpt, right: checkpoints/multimnist/teacher_right.ckpt}
+            student: {class_path: lightning_mtkd.models.MultiTaskNet, init_args: {...}}
+            tasks: [{name: left, num_classes: 10}, {name: right, num_classes: 10}]
+            adaptor_lr: 0.01
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: dict[str, nn.Module | str | None],
+        tasks: list[Task],
+        task_teachers: dict[str, str] | None = None,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        student_feature: str = "backbone",
+        teacher_feature: str | dict[str, str] = "backbone",
+        feature_weight: float = 1.0,
+        distance: FeatureDistance = "l2",
+        adaptor_lr: float | None = None,
+        weighting: Weighting | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(student, teacher, tasks, temperature, alpha, adaptor_lr, weighting, optimizer, scheduler)
+        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
+        if not isinstance(teacher, Mapping):
+            raise TypeError(
+                "TaskSpecificDistiller needs one teacher per task: pass `teacher` as a dict {task: module or "
+                "checkpoint path}, e.g. {'left': 'teacher_left.ckpt', 'right': 'teacher_right.ckpt'}."
+            )
+        if feature_weight < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
+        self.task_teachers = _assign_teachers(list(self.tasks), list(teacher), task_teachers or {})
+        if isinstance(teacher_feature, Mapping):
+            missing = sorted({t for t in self.task_teachers.values() if t not in teacher_feature})
+            if feature_weight > 0 and missing:
+                raise KeyError(
+                    f"teacher_feature has no path for teacher(s) {missing} (it has {list(teacher_feature)}); give "
+                    "every teacher a feature path, or one path for all."
+                )
+        self.student_feature = student_feature
+        self.teacher_feature = teacher_feature
+        self.feature_weight = feature_weight
+        self.distance: FeatureDistance = distance
+
+    def feature_path(self, teacher: str) -> str:
+        """The feature path read in ``teacher``."""
+        return self.teacher_feature if isinstance(self.teacher_feature, str) else self.teacher_feature[teacher]
+
+    def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
+        if self.feature_weight == 0:
+            return {}
+        return {
+            task: (self.student_feature, teacher, self.feature_path(teacher))
+            for task, teacher in self.task_teachers.items()
+        }
+
+    def teacher_for_task(self, teachers: Mapping[str, ModelOutputs], task: str) -> ModelOutputs | None:
+        """The task's own teacher (its distillation target, and the one whose metrics are logged beside it)."""
+        return teachers.get(self.task_teachers[task]) if task in self.task_teachers else None
+
+    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
+        for task, teacher in self.task_teachers.items():
+            if task not in teachers[teacher].outputs:
+                raise KeyError(
+                    f"teacher {teacher!r} teaches task {task!r} but outputs only {list(teachers[teacher].outputs)}. "
+                    f"Give {task!r} a teacher trained on it (name it {task!r} or map it in `task_teachers`)."
+                )
+
+    def distillation_loss(
+        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        for name, task in self.tasks.items():
+            teacher_name = self.task_teachers[name]
+            teacher = teachers[teacher_name]
+            terms[f"kd/{name}"] = task.distillation_loss(student.outputs[name], teacher.outputs[name], self.temperature)
+            if self.feature_weight > 0:
+                adapted = self.adaptors[name](student.features[self.student_feature])
+                target = teacher.features[self.feature_path(teacher_name)]
+                terms[f"feat/{name}"] = self.feature_weight * feature_distance(adapted, target, self.distance)
+        return terms
+
+
+def _assign_teachers(tasks: list[str], teachers: list[str], explicit: Mapping[str, str]) -> dict[str, str]:
+    """``{task: teacher name}``: the explicit mapping, else the teacher named after the task; clear errors."""
+    for task, teacher in explicit.items():
+        if task not in tasks:
+            raise KeyError(f"task_teachers names task {task!r}, which is not in `tasks` {tasks}.")
+        if teacher not in teachers:
+            raise KeyError(f"task_teachers maps {task!r} to teacher {teacher!r}, but the teachers are {teachers}.")
+    assigned = {task: explicit.get(task, task) for task in tasks}
+    orphans = [task for task, teacher in assigned.items() if teacher not in teachers]
+    if orphans:
+        raise KeyError(
+            f"no teacher for task(s) {orphans}: the teachers are {teachers}. Add a teacher named after each task "
+            f"(teacher={{{orphans[0]!r}: 'path/to/teacher.ckpt', ...}}) or map it with task_teachers="
+            f"{{{orphans[0]!r}: '<teacher name>'}}."
+        )
+    unused = [teacher for teacher in teachers if teacher not in assigned.values()]
+    if unused:
+        raise KeyError(
+            f"teacher(s) {unused} teach no task: {unused[0]!r} is not a task in `tasks` {tasks} and no task is "
+            f"mapped to it. Name each teacher after the task it teaches, map tasks to it with "
+            f"task_teachers={{'<task>': {unused[0]!r}}}, or drop it."
+        )
+    return assigned

@@ -1,0 +1,196 @@
+"""Strategy 3 — multi-task transfer: one teacher's common features to small per-task students."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_mtkd.losses.functional import FeatureDistance, feature_distance
+from lightning_mtkd.models.students import TaskStudents
+from lightning_mtkd.strategies.base import (
+    TEACHER,
+    DistillationModule,
+    ModelOutputs,
+    MultiTaskModule,
+    _save_config_hparams,
+    teacher_config,
+)
+from lightning_mtkd.tasks import Task, as_tasks
+from lightning_mtkd.weighting.base import Weighting
+
+
+class TransferDistiller(DistillationModule):
+    r"""One multi-task teacher, one small student per task (or group of tasks), each deployable alone.
+
+    The teacher's common feature :math:`f^t` and its task outputs are computed once per batch and
+    shared by all students. Student :math:`s` (predicting tasks :math:`\mathcal{T}_s`) learns from
+    labels, from the teacher's soft targets for its tasks, and from the teacher's common feature
+    through its own adaptor :math:`A_s`:
+
+    .. math::
+        \mathcal{L} = \sum_s \Big[\sum_{t\in\mathcal{T}_s} w_t\big((1-\alpha)\,\mathcal{L}^{sup}_t
+        + \alpha\,T^2\,\mathrm{KL}(\sigma(z^t_t/T)\,\|\,\sigma(z^s_t/T))\big)
+        + \alpha\,\beta\, d\big(A_s(f^s), f^t\big)\Big]
+
+    The students share no parameters, so the sum trains each one exactly as if it were distilled
+    alone, in one ``fit`` and one teacher pass per batch. This is knowledge transfer from a
+    multi-task teacher to task-specific students (Hinton et al., 2015 soft targets; a FitNets hint,
+    Romero et al., ICLR 2015, on L2-normalised features as in Li & Bilen, ECCV-W 2020).
+
+    The students live in a :class:`~lightning_mtkd.models.TaskStudents` (``module.model[name]``);
+    the checkpoint holds them all, and :meth:`export_student` writes one as a standalone
+    ``MultiTaskModule`` checkpoint, read back with :func:`load_student`.
+
+    Args:
+        student: ``{name: network}``: a network named after a task predicts that task (it may return a
+            bare Tensor); list the tasks of a network that predicts several in ``groups``.
+        teacher: The multi-task teacher: a module or a ``MultiTaskModule`` checkpoint path.
+        tasks: The tasks; each must be predicted by exactly one student, and output by the teacher.
+        groups: ``{student name: [tasks]}`` for students of several tasks.
+        temperature: Soft-target temperature ``T``.
+        alpha: Distillation share in [0, 1].
+        student_feature: Dotted path of the feature in each student (``"backbone"`` for a ``MultiTaskNet``).
+        teacher_feature: Dotted path of the teacher's common feature.
+        hint_weight: ``β``, the feature term's weight (0 turns it and the adaptors off).
+        distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
+        adaptor_lr: The adaptors' learning rate (the optimizer's own if ``None``).
+
+    Example (YAML)::
+
+        model:
+          class_path: lightning_mtkd.TransferDistiller
+          init_args:
+            teacher: checkpoints/multimnist/teacher.ckpt
+            student:
+              left: {class_path: lightning_mtkd.models.MultiTaskNet, init_args: {..., heads: {left: 10}}}
+              right: {class_path: lightning_mtkd.models.MultiTaskNet, init_args: {..., heads: {right: 10}}}
+            tasks: [{name: left, num_classes: 10}, {name: right, num_classes: 10}]
+    """
+
+    def __init__(
+        self,
+        student: dict[str, nn.Module],
+        teacher: nn.Module | str | None,
+        tasks: list[Task],
+        groups: dict[str, list[str]] | None = None,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        student_feature: str | None = "backbone",
+        teacher_feature: str | None = "backbone",
+        hint_weight: float = 1.0,
+        distance: FeatureDistance = "l2",
+        adaptor_lr: float | None = None,
+        weighting: Weighting | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if isinstance(student, nn.Module) or not isinstance(student, Mapping) or not student:
+            raise TypeError(
+                "TransferDistiller trains one student per task: pass `student` as a dict {task: network}, "
+                "e.g. {'left': net_left, 'right': net_right}."
+            )
+        _check_students(list(as_tasks(tasks)), list(student), groups or {})
+        students = TaskStudents(student, groups)
+        super().__init__(students, teacher, tasks, temperature, alpha, adaptor_lr, weighting, optimizer, scheduler)
+        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
+        if hint_weight < 0:
+            raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
+        if hint_weight > 0 and not (student_feature and teacher_feature):
+            raise ValueError("the hint needs `student_feature` and `teacher_feature` paths (or set hint_weight=0).")
+        self.student_feature = student_feature
+        self.teacher_feature = teacher_feature
+        self.hint_weight = hint_weight
+        self.distance: FeatureDistance = distance
+
+    @property
+    def students(self) -> TaskStudents:
+        """All students, by name (the module's ``model``)."""
+        assert isinstance(self.model, TaskStudents)
+        return self.model
+
+    def student(self, name: str) -> nn.Module:
+        """The network ``name`` alone (it runs without this module)."""
+        if name not in self.students:
+            raise KeyError(f"no student {name!r}; the students are {list(self.students)}.")
+        return self.students[name]
+
+    def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
+        if self.hint_weight == 0:
+            return {}
+        return {name: (f"{name}.{self.student_feature}", TEACHER, str(self.teacher_feature)) for name in self.students}
+
+    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
+        missing = [name for name in self.tasks if name not in teachers[TEACHER].outputs]
+        if missing:
+            raise KeyError(
+                f"the teacher outputs no {missing} (it outputs {list(teachers[TEACHER].outputs)}). TransferDistiller "
+                "needs a multi-task teacher trained on every task in `tasks`."
+            )
+
+    def distillation_loss(
+        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        terms = self.soft_target_terms(student, teachers)
+        if self.hint_weight > 0:
+            target = teachers[TEACHER].features[str(self.teacher_feature)]  # one teacher feature for all students
+            for name in self.students:
+                adapted = self.adaptors[name](student.features[f"{name}.{self.student_feature}"])
+                terms[f"hint/{name}"] = self.hint_weight * feature_distance(adapted, target, self.distance)
+        return terms
+
+    def export_student(self, name: str, path: str | os.PathLike) -> str:
+        """Write student ``name`` alone as a ``MultiTaskModule`` checkpoint (no teacher, no other student).
+
+        The file loads with :func:`load_student` (or ``MultiTaskModule.load_from_checkpoint``) and can
+        serve as a teacher checkpoint path. The student must be built from a recorded config (our
+        models, or any model built by LightningCLI).
+        """
+        network = self.student(name)
+        standalone = MultiTaskModule(network, [self.tasks[task] for task in self.students.tasks_of(name)])
+        hparams = dict(standalone.hparams)
+        if hparams.get("model") is None:
+            raise ValueError(
+                f"student {name!r} ({type(network).__name__}) does not record how it was built, so a standalone "
+                "checkpoint could not rebuild it. Derive it from lightning_mtkd.config.RecordsInitArgs (or build it "
+                f"from a config), or save `module.student({name!r}).state_dict()` instead."
+            )
+        path = os.fspath(path)
+        checkpoint = {"state_dict": standalone.state_dict(), "hyper_parameters": hparams}
+        torch.save({**checkpoint, "pytorch-lightning_version": L.__version__}, path)
+        return path
+
+
+def load_student(path: str | os.PathLike) -> nn.Module:
+    """A student exported by :meth:`TransferDistiller.export_student`, ready to run on its own."""
+    return MultiTaskModule.load_from_checkpoint(os.fspath(path), map_location="cpu", weights_only=True).model
+
+
+def _check_students(tasks: list[str], students: list[str], groups: Mapping[str, list[str]]) -> None:
+    """Every task predicted by exactly one student; every student predicts tasks in ``tasks``."""
+    owners: dict[str, list[str]] = {}
+    for name in students:
+        predicted = list(groups.get(name, [name]))
+        unknown = [task for task in predicted if task not in tasks]
+        if unknown:
+            where = f"groups[{name!r}] lists" if name in groups else f"student {name!r} is named after"
+            raise KeyError(
+                f"{where} {unknown}, not a task in `tasks` {tasks}. Name each student after its task, or list the "
+                f"tasks of a multi-task student in groups={{{name!r}: [...]}}."
+            )
+        for task in predicted:
+            owners.setdefault(task, []).append(name)
+    missing = [task for task in tasks if task not in owners]
+    if missing:
+        raise KeyError(
+            f"no student for task(s) {missing}: the students are {students}. Add a student named after each "
+            f"(student={{{missing[0]!r}: <network>, ...}}) or list it in a student's group (groups=...)."
+        )
+    shared = {task: names for task, names in owners.items() if len(names) > 1}
+    if shared:
+        raise KeyError(f"task(s) predicted by several students: {shared}; give each task to exactly one student.")
