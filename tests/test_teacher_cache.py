@@ -15,6 +15,7 @@ from lightning_mtkd import DistillationModule, MultiTaskModule, SharedDistiller
 from lightning_mtkd.callbacks import TeacherCache
 from lightning_mtkd.callbacks.teacher_cache import HEADER_BYTES, _read_header, _write_header, read_cache_file
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
+from lightning_mtkd.models import FeatureTap
 
 
 class ForwardCounter:
@@ -249,3 +250,35 @@ def test_missing_or_out_of_range_index_and_wrong_module_get_clear_errors(tmp_pat
 
     with pytest.raises(TypeError, match="TeacherCache caches the outputs of a distillation module"):
         quick_trainer(tmp_path, max_steps=1, callbacks=[TeacherCache()]).fit(MultiTaskModule(conv_net(), TASKS), clean)
+
+
+@pytest.mark.ddp
+def test_cache_under_two_process_cpu_ddp(tmp_path):
+    """Each rank reads and writes its sampler's samples: a shared file on disk, or a per-rank copy in memory."""
+
+    def fit_ddp(cache):
+        L.seed_everything(0)
+        module = SharedDistiller(conv_net((2, 4), 8), teacher_net(), TASKS)
+        trainer = quick_trainer(tmp_path, max_epochs=2, strategy="ddp_spawn", devices=2, limit_val_batches=0,
+                                callbacks=[cache] if cache else [])
+        trainer.fit(module, random_datamodule())
+        return module
+
+    reference = fit_ddp(None)
+    directory = tmp_path / "cache"
+    on_disk = fit_ddp(TeacherCache(storage="disk", cache_dir=str(directory)))
+    in_memory = fit_ddp(TeacherCache(storage="memory"))
+    assert_same_student(reference.model, on_disk.model)
+    assert_same_student(reference.model, in_memory.model)
+
+    # The two ranks filled disjoint halves of one file; together they hold every sample's teacher outputs.
+    (name,) = cache_files(directory)
+    rows = read_cache_file(str(directory / name))
+    dm = random_datamodule()
+    dm.setup()
+    teacher = teacher_net().eval()
+    tap = FeatureTap(teacher, ["backbone"])
+    with torch.no_grad():
+        outputs = teacher(dm.splits["train"].inputs)
+    torch.testing.assert_close(rows["teacher/outputs/left"], outputs["left"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rows["teacher/features/backbone"], tap.pop()["backbone"], rtol=0, atol=1e-6)
