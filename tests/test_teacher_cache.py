@@ -30,7 +30,7 @@ class ForwardCounter:
         self.samples += inputs[0].shape[0]
 
 
-def fit(tmp_path, teacher, cache=None, epochs=3, dm=None, module_cls=SharedDistiller, **kwargs):
+def fit(tmp_path, teacher, cache=None, epochs=2, dm=None, module_cls=SharedDistiller, **kwargs):
     L.seed_everything(0)
     module = module_cls(conv_net((2, 4), 8), teacher, TASKS, **kwargs)
     trainer = quick_trainer(tmp_path, max_epochs=epochs, callbacks=[cache] if cache else [])
@@ -68,11 +68,11 @@ def test_cached_run_gives_the_same_losses_and_student_as_uncached(tmp_path, opti
     assert_same_student(reference.adaptors, cached.adaptors)
     for key in ("train/loss_epoch", "train/hint", "val/loss", "val/left/kd", "val/left/teacher_acc"):
         torch.testing.assert_close(trainer.callback_metrics[key], ref_trainer.callback_metrics[key], rtol=0, atol=1e-6)
-    # 64 train + 32 val samples in batches of 16, 3 epochs: the teacher saw each sample once (plus small probes).
+    # 64 train + 32 val samples in batches of 16, 2 epochs: the teacher saw each sample once (plus small probes).
     batches = cache.counts["train"]
-    assert batches["cached"] + batches["computed"] == 3 * 4
+    assert batches["cached"] + batches["computed"] == 2 * 4
     assert batches["computed"] == (0 if options.get("precompute") else 4)
-    assert counter.samples <= 64 + 32 + 8, counter.samples  # uncached: 3 × 96 + sanity check
+    assert counter.samples <= 64 + 32 + 8, counter.samples  # uncached: 2 × 96 + sanity check
 
 
 def test_disk_cache_is_shared_by_runs_and_rebuilt_when_teacher_or_data_change(tmp_path):
@@ -282,3 +282,27 @@ def test_cache_under_two_process_cpu_ddp(tmp_path):
         outputs = teacher(dm.splits["train"].inputs)
     torch.testing.assert_close(rows["teacher/outputs/left"], outputs["left"], rtol=0, atol=1e-6)
     torch.testing.assert_close(rows["teacher/features/backbone"], tap.pop()["backbone"], rtol=0, atol=1e-6)
+
+
+def test_cache_is_added_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's ModelCheckpoint writes under ./checkpoints
+    from pathlib import Path
+
+    from lightning_mtkd.cli import main
+
+    teacher = MultiTaskModule(conv_net((8, 16), 32), TASKS)
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    trainer.fit(teacher, random_datamodule(shape=(1, 36, 36)))
+    path = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    config = Path(__file__).parents[1] / "configs" / "multimnist" / "shared.yaml"
+    cli = main(
+        ["fit", "--config", str(config), f"--model.init_args.teacher={path}", "--trainer.max_epochs=2",
+         "--trainer.limit_val_batches=1", "--trainer.logger=false",
+         f"--trainer.default_root_dir={tmp_path}",
+         "--trainer.callbacks+=lightning_mtkd.callbacks.TeacherCache", "--trainer.callbacks.storage=memory",
+         "--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16"]
+    )
+    (cache,) = [c for c in cli.trainer.callbacks if isinstance(c, TeacherCache)]
+    assert cache.storage == "memory"
+    assert cache.counts["train"] == {"cached": 4, "computed": 4}  # 64 samples, batches of 16: epoch 2 reuses epoch 1

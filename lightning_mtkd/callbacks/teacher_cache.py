@@ -121,6 +121,8 @@ class TeacherCache(L.Callback):
         self.stores: dict[Split, _Store] = {}
         #: Batches served from the cache and batches for which the teachers ran, per split (plain ints: no sync).
         self.counts: dict[str, dict[str, int]] = {}
+        #: Bytes each opened split takes (arrays and mask), whether in memory or on disk.
+        self.nbytes: dict[str, int] = {}
         self._trainer: L.Trainer | None = None
 
     # ------------------------------------------------------------------------------ the hot path
@@ -165,7 +167,7 @@ class TeacherCache(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if getattr(pl_module, "teacher_cache", None) is self:
-            pl_module.teacher_cache = None
+            setattr(pl_module, "teacher_cache", None)  # noqa: B010 - any LightningModule here
         for store in self.stores.values():
             store.close()
         self.stores = {}
@@ -218,6 +220,7 @@ class TeacherCache(L.Callback):
             store = _DiskStore.open(split, layout, path, fingerprint, trainer.strategy)
         self.stores[split] = store
         self.counts[split] = {"cached": 0, "computed": 0}
+        self.nbytes[split] = layout.nbytes
         rank_zero_info(
             f"teacher cache ({split}): {num_samples} samples × {layout.nbytes / num_samples / 1024:.1f} KiB in "
             f"{storage}{' ' + store.path if isinstance(store, _DiskStore) else ''}"
@@ -306,19 +309,23 @@ class _Layout:
         self.data_bytes = offset + num_samples
 
     @classmethod
-    def from_results(cls, results: Mapping[str, ModelOutputs], num_samples: int, feature_dtype: FeatureDtype) -> _Layout:
+    def from_results(
+        cls, results: Mapping[str, ModelOutputs], num_samples: int, feature_dtype: FeatureDtype
+    ) -> _Layout:
         structure: dict[str, Any] = {}
         tensors: dict[str, Tensor] = {}
         for name, result in results.items():
-            outputs = {task: _flatten(value, f"{name}/outputs/{task}", tensors) for task, value in result.outputs.items()}
-            features = {path: _flatten(value, f"{name}/features/{path}", tensors) for path, value in result.features.items()}
+            outputs = {task: _flatten(out, f"{name}/outputs/{task}", tensors) for task, out in result.outputs.items()}
+            features = {path: _flatten(f, f"{name}/features/{path}", tensors) for path, f in result.features.items()}
             structure[name] = {"outputs": outputs, "features": features}
         arrays = {}
         for key, tensor in tensors.items():
             stored = tensor.dtype
             if "/features/" in key and feature_dtype != "same" and tensor.is_floating_point():
                 stored = _FEATURE_DTYPES[feature_dtype]
-            arrays[key] = {"shape": list(tensor.shape[1:]), "dtype": _dtype_name(stored), "as": _dtype_name(tensor.dtype)}
+            arrays[key] = {
+                "shape": list(tensor.shape[1:]), "dtype": _dtype_name(stored), "as": _dtype_name(tensor.dtype)
+            }
         return cls(num_samples, structure, arrays)
 
     @property
@@ -420,7 +427,7 @@ class _DiskStore(_Store):
 
     def __init__(self, split: Split, layout: _Layout, path: str, writable: bool) -> None:
         self.split, self.layout, self.path = split, layout, path
-        self._map = np.memmap(path, dtype=np.uint8, mode="r+" if writable else "r")
+        self._map: Any = np.memmap(path, dtype=np.uint8, mode="r+" if writable else "r")
         with warnings.catch_warnings():  # a read-only map is never written: complete caches are only gathered
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(self._map[HEADER_BYTES:])
@@ -470,7 +477,7 @@ class _DiskStore(_Store):
     def close(self) -> None:
         super().close()
         self.filled = torch.empty(0)
-        if getattr(self, "_map", None) is not None and self._map.mode == "r+":
+        if self._map is not None and self._map.mode == "r+":
             self._map.flush()
         self._map = None
 
@@ -493,17 +500,18 @@ def read_cache_file(path: str) -> dict[str, Tensor]:
 
 def _create_file(path: str, fingerprint: str, layout: _Layout) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    total_bytes = HEADER_BYTES + layout.data_bytes
     header = {
         "version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "total_bytes": HEADER_BYTES + layout.data_bytes,
+        "total_bytes": total_bytes,
         "layout": layout.describe(),
         "complete": False,
         "checksum": None,
     }
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.truncate(header["total_bytes"])  # sparse zeros: every row unfilled
+        f.truncate(total_bytes)  # sparse zeros: every row unfilled
     _write_header(tmp, header)
     os.replace(tmp, path)
 
@@ -511,7 +519,8 @@ def _create_file(path: str, fingerprint: str, layout: _Layout) -> None:
 def _write_header(path: str, header: Mapping[str, Any]) -> None:
     text = json.dumps(header, sort_keys=True).encode()
     if len(MAGIC) + 8 + len(text) > HEADER_BYTES:
-        raise ValueError(f"teacher cache: the layout of {len(header['layout']['arrays'])} arrays is too large to record.")
+        count = len(header["layout"]["arrays"])
+        raise ValueError(f"teacher cache: the layout of {count} arrays is too large to record in the header.")
     with open(path, "r+b") as f:
         f.write(MAGIC + len(text).to_bytes(8, "little") + text)
         f.flush()
@@ -556,7 +565,7 @@ def _file_problem(path: str, fingerprint: str, layout: _Layout) -> str | None:
 def _checksum(mapped: np.ndarray, chunk: int = 1 << 26) -> int:
     crc = 0
     for start in range(HEADER_BYTES, len(mapped), chunk):
-        crc = zlib.crc32(mapped[start : start + chunk], crc)
+        crc = zlib.crc32(mapped[start : start + chunk].data, crc)
     return crc
 
 
@@ -628,7 +637,8 @@ def _flatten(value: Any, key: str, out: dict[str, Tensor]) -> Any:
     if value is None:
         return None
     if isinstance(value, (tuple, list)):
-        return {"items": [_flatten(v, f"{key}#{i}", out) for i, v in enumerate(value)], "tuple": isinstance(value, tuple)}
+        items = [_flatten(v, f"{key}#{i}", out) for i, v in enumerate(value)]
+        return {"items": items, "tuple": isinstance(value, tuple)}
     raise TypeError(
         f"teacher cache: cannot store {key!r}, a {type(value).__name__}; teacher outputs and tapped features must be "
         "tensors (or tuples of them)."
