@@ -82,7 +82,9 @@ class TeacherCache(L.Callback):
         feature_dtype: Store tapped features as ``float16``/``bfloat16`` to halve their size (task
             outputs are always kept exactly); ``same`` keeps them as computed.
         splits: Which splits to cache. Validation and test samples are keyed apart from training ones.
-        precompute: Fill the cache for the whole split before training (rather than during the first epoch).
+        precompute: Fill the cache for the whole split before training (rather than during the first epoch),
+            in index order with the loader's batch size and workers. Under DDP each rank fills its share of a
+            file on disk; in memory each rank fills its own copy of the whole split.
         allow_random_transforms: The cache refuses a data set whose samples change from one read to
             the next (random augmentation), since the teacher's output then depends on the draw. Set
             this to say that reusing the output for one draw (the first seen, or the precomputed one)
