@@ -22,7 +22,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -48,6 +48,14 @@ class ModelOutputs:
 
     outputs: dict[str, Tensor]
     features: dict[str, Any] = field(default_factory=dict)
+
+
+class TeacherOutputSource(Protocol):
+    """Something that can stand in for the teachers' forward pass (the teacher-output cache)."""
+
+    def teacher_outputs(self, module: DistillationModule, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
+        """The teachers' outputs for ``batch``; may call ``module.run_teachers(batch)`` for what it lacks."""
+        ...
 
 
 def _save_config_hparams(module: L.LightningModule, local_vars: dict[str, Any]) -> None:
@@ -429,7 +437,17 @@ class DistillationModule(MultiTaskModule):
             teacher._apply(fn, *args, **kwargs)
         return self
 
+    #: Where teacher outputs may come from instead of a forward pass: set by the
+    #: :class:`~lightning_mtkd.callbacks.TeacherCache` callback; ``None`` runs the teachers every step.
+    teacher_cache: TeacherOutputSource | None = None
+
     def teacher_forward(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
+        """Every teacher's outputs and tapped features: from the teacher cache if one is attached, else computed."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.teacher_outputs(self, batch)
+        return self.run_teachers(batch)
+
+    def run_teachers(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
         """Every teacher's outputs and tapped features, computed under ``torch.inference_mode()``."""
         results: dict[str, ModelOutputs] = {}
         if not self._use_teachers:
