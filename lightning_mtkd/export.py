@@ -11,6 +11,7 @@ out because only the student network (``--student``, default ``model``) is expor
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -59,7 +60,13 @@ def load_student(ckpt_path: str, student: str = "model") -> nn.Module:
             f"export: {ckpt_path!r} is not a lightning-mtkd checkpoint (no recorded module class); export a checkpoint "
             "written by MultiTaskModule or a distillation strategy, or call export_module() on your own network."
         )
-    module = MultiTaskModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    # Load through the recorded class itself: Lightning filters the hyper-parameters by the signature of
+    # the class it is called on, so MultiTaskModule.load_from_checkpoint would drop a strategy's arguments.
+    module_path, _, name = hparams["_class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MultiTaskModule)):
+        raise ValueError(f"export: {ckpt_path!r} records class {hparams['_class_path']!r}, not a MultiTaskModule.")
+    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     try:
         network = module.get_submodule(student)
     except AttributeError as error:
