@@ -11,9 +11,11 @@ import pytest
 from conftest import TASKS, conv_net, quick_trainer, random_datamodule
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
+from test_cli_configs import SMALL_DATA
 
 from lightning_mtkd import MultiTaskModule, SharedDistiller
 from lightning_mtkd.callbacks import DistillationReport, measure_latency
+from lightning_mtkd.cli import main
 from lightning_mtkd.models import count_parameters
 
 
@@ -98,3 +100,14 @@ def test_latency_grows_with_work():
 def test_bad_latency_options_are_named():
     with pytest.raises(ValueError, match="latency_batch_size"):
         DistillationReport(latency_batch_size=0)
+
+
+def test_cli_adds_the_report_by_default(tmp_path):
+    config = Path(__file__).parents[1] / "configs" / "multimnist" / "scratch.yaml"
+    base = ["fit", "--config", str(config), "--trainer.fast_dev_run=1", "--report.latency_repeats=1", *SMALL_DATA]
+    cli = main([*base, f"--trainer.default_root_dir={tmp_path / 'on'}"])
+    (report,) = [c for c in cli.trainer.callbacks if isinstance(c, DistillationReport)]
+    assert report.summaries["val"].student_params == count_parameters(cli.model.model)
+    assert (tmp_path / "on" / "report.md").is_file()
+    cli = main([*base, f"--trainer.default_root_dir={tmp_path / 'off'}", "--report.enabled=false"])
+    assert not (tmp_path / "off" / "report.md").exists()
