@@ -163,7 +163,7 @@ def main(args: Sequence[str] | None = None) -> list[str]:
     """``lightning-mtkd export ...``: parse the options of :func:`export_checkpoint` and run it."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="lightning-mtkd export", description=export_checkpoint.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="lightning-mtkd export", description=(export_checkpoint.__doc__ or "").splitlines()[0])
     parser.add_function_arguments(export_checkpoint, as_group=False)
     config = parser.parse_args(list(args) if args is not None else None)
     names = export_checkpoint(**{k: v for k, v in config.items() if k != "config"})

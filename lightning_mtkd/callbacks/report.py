@@ -250,11 +250,11 @@ class DistillationReport(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(summary.scalars(), step=trainer.global_step)
             # WandbLogger (and any logger with the same API) takes the table and the chart as such.
-            if callable(getattr(logger, "log_table", None)):
-                columns = list(summary.COLUMNS)
-                logger.log_table(key=f"report/{summary.stage}/table", columns=columns, data=summary.rows())
-            if callable(getattr(logger, "log_image", None)):
-                logger.log_image(key=f"report/{summary.stage}/chart", images=[chart])
+            log_table, log_image = getattr(logger, "log_table", None), getattr(logger, "log_image", None)
+            if callable(log_table):
+                log_table(key=f"report/{summary.stage}/table", columns=list(summary.COLUMNS), data=summary.rows())
+            if callable(log_image):
+                log_image(key=f"report/{summary.stage}/chart", images=[chart])
 
 
 def run_directory(trainer: L.Trainer) -> str:
