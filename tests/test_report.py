@@ -111,3 +111,20 @@ def test_cli_adds_the_report_by_default(tmp_path):
     assert (tmp_path / "on" / "report.md").is_file()
     cli = main([*base, f"--trainer.default_root_dir={tmp_path / 'off'}", "--report.enabled=false"])
     assert not (tmp_path / "off" / "report.md").exists()
+
+
+def test_several_teachers_are_counted_and_timed_together(tmp_path):
+    from lightning_mtkd import DistillationModule
+
+    teachers = {"left": conv_net((8, 16), 32), "right": conv_net((4, 8), 16)}
+    module = DistillationModule(conv_net(), teachers, TASKS)
+    report = DistillationReport(latency_repeats=3, latency_warmup=1, print_table=False)
+    trainer = quick_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1, callbacks=[report])
+    trainer.fit(module, random_datamodule())
+    summary = report.summaries["val"]
+    assert summary.teacher_params == {name: count_parameters(net) for name, net in teachers.items()}
+    text = Path(report.files["markdown"]).read_text()
+    assert f"| teacher left | {count_parameters(teachers['left']):,} | |" in text
+    assert f"| teachers, all | {summary.teacher_params_total:,} | {summary.teacher_latency_ms:.2f} |" in text
+    for row in summary.tasks:  # each task against its own teacher
+        assert row.teacher == pytest.approx(float(trainer.callback_metrics[f"val/{row.task}/teacher_acc"]))

@@ -61,6 +61,15 @@ class DistillationSummary:
     batch_size: int | None = None
 
     @property
+    def teacher_params_total(self) -> int:
+        return sum(self.teacher_params.values())
+
+    @property
+    def student_label(self) -> str:
+        """``student`` when distilled; ``model`` for a network trained without a teacher (e.g. the teacher itself)."""
+        return "student" if self.teacher_params else "model"
+
+    @property
     def speedup(self) -> float | None:
         if not self.student_latency_ms or self.teacher_latency_ms is None:
             return None
@@ -94,12 +103,12 @@ class DistillationSummary:
         for row in self.rows():
             lines.append("| " + " | ".join([row[0], row[1], *(_fmt(v) for v in row[2:])]) + " |")
         lines += ["", "| model | parameters | latency (ms / batch) |", "| --- | ---: | ---: |"]
-        for name, params in self.teacher_params.items():
-            lines.append(f"| teacher {name} | {params:,} | |")
-        if self.teacher_params:
-            total = sum(self.teacher_params.values())
-            lines.append(f"| teachers, all | {total:,} | {_fmt(self.teacher_latency_ms, 2)} |")
-        lines.append(f"| student | {self.student_params:,} | {_fmt(self.student_latency_ms, 2)} |")
+        if len(self.teacher_params) == 1:
+            lines.append(f"| teacher | {self.teacher_params_total:,} | {_fmt(self.teacher_latency_ms, 2)} |")
+        elif self.teacher_params:
+            lines += [f"| teacher {name} | {params:,} | |" for name, params in self.teacher_params.items()]
+            lines.append(f"| teachers, all | {self.teacher_params_total:,} | {_fmt(self.teacher_latency_ms, 2)} |")
+        lines.append(f"| {self.student_label} | {self.student_params:,} | {_fmt(self.student_latency_ms, 2)} |")
         lines += ["", self._footer(), ""]
         return "\n".join(lines)
 
@@ -325,24 +334,31 @@ def save_chart(summaries: list[DistillationSummary], path: str) -> None:
         width = 0.38
         teacher = [t.teacher if t.teacher is not None else math.nan for t in summary.tasks]
         student = [t.student if t.student is not None else math.nan for t in summary.tasks]
-        metric_ax.bar([x - width / 2 for x in xs], teacher, width, label="teacher", color="#8c8c8c")
-        metric_ax.bar([x + width / 2 for x in xs], student, width, label="student", color="#3b75af")
-        metric_ax.set_xticks(list(xs), [f"{t.task}\n({t.metric})" for t in summary.tasks])
-        metric_ax.set_title(f"{summary.stage}: teacher vs student per task")
-        metric_ax.legend(loc="lower right")
-        for x, t in zip(xs, summary.tasks, strict=True):
-            if t.gap is not None:
-                metric_ax.annotate(f"gap {t.gap:+.3f}", (x, 0), xytext=(0, 4), textcoords="offset points", ha="center")
-        labels = ["teacher(s)", "student"]
+        for offset, values, color in ((-width / 2, teacher, TEACHER_COLOR), (width / 2, student, STUDENT_COLOR)):
+            bars = metric_ax.bar([x + offset for x in xs], values, width, color=color)
+            metric_ax.bar_label(bars, labels=[_fmt(v, 3) if math.isfinite(v) else "" for v in values], fontsize=8)
+        metric_ax.set_xticks(list(xs), [f"{t.task} ({t.metric})" + _gap_label(t) for t in summary.tasks])
+        metric_ax.set_title(f"{summary.stage}: teacher (grey) vs {summary.student_label} (blue) per task")
+        top = max([v for v in teacher + student if math.isfinite(v)], default=1.0)
+        metric_ax.set_ylim(0, 1.15 * top)
+        labels = ["teacher(s)", summary.student_label]
         params = [sum(summary.teacher_params.values()), summary.student_params]
         latency = [summary.teacher_latency_ms or 0.0, summary.student_latency_ms or 0.0]
-        bars = latency_ax.bar(labels, latency, color=["#8c8c8c", "#3b75af"])
+        bars = latency_ax.bar(labels, latency, color=[TEACHER_COLOR, STUDENT_COLOR])
+        latency_ax.set_ylim(0, 1.2 * max(latency + [1e-3]))
         for bar, count in zip(bars, params, strict=True):
             latency_ax.annotate(f"{count:,} params", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                                 xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
         speed = f", {summary.speedup:.1f}× faster" if summary.speedup is not None else ""
         latency_ax.set_title(f"ms / batch on {summary.device}{speed}", fontsize=9)
     figure.savefig(path, dpi=100)
+
+
+TEACHER_COLOR, STUDENT_COLOR = "#8c8c8c", "#3b75af"
+
+
+def _gap_label(row: TaskComparison) -> str:
+    return f"\ngap {row.gap:+.3f}" if row.gap is not None else ""
 
 
 def _print_rich(summary: DistillationSummary) -> None:
@@ -356,10 +372,12 @@ def _print_rich(summary: DistillationSummary) -> None:
         table.add_row(row[0], row[1], *(_fmt(v) for v in row[2:]))
     console = Console()
     console.print(table)
-    params = f"teacher(s) {sum(summary.teacher_params.values()):,} / student {summary.student_params:,} parameters"
+    params = f"{summary.student_label} {summary.student_params:,} parameters"
+    if summary.teacher_params:
+        params = f"teacher(s) {sum(summary.teacher_params.values()):,} / {params}"
     latency = ""
     if summary.student_latency_ms is not None:
-        latency = f"; student {summary.student_latency_ms:.2f} ms"
+        latency = f"; {summary.student_label} {summary.student_latency_ms:.2f} ms"
         if summary.teacher_latency_ms is not None:
             latency += f", teacher(s) {summary.teacher_latency_ms:.2f} ms per batch of {summary.batch_size}"
             latency += f" on {summary.device} ({summary.speedup:.1f}× faster)"
