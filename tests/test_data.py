@@ -12,7 +12,7 @@ def test_multimnist_is_deterministic_and_well_formed():
     a.setup(), b.setup()
     torch.testing.assert_close(a.splits["train"].inputs, b.splits["train"].inputs)
     train = a.splits["train"]
-    assert train.inputs.shape == (50, 1, 36, 36) and train.inputs.min() >= 0 and train.inputs.max() <= 1
+    assert train.inputs.shape == (50, 1, 36, 36) and 0 <= train.inputs.min() and train.inputs.max() <= 1
     assert set(train.targets) == {"left", "right"} and train.targets["left"].dtype == torch.long
 
 

@@ -1,6 +1,7 @@
 """The shared step and teacher hygiene, through SharedDistiller (the base's behaviour is the same for all)."""
 
 import lightning as L
+import pytest
 import torch
 from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
 

@@ -6,7 +6,7 @@ from conftest import TASKS, BareTensorNet, conv_net, quick_trainer, random_datam
 
 from lightning_mtkd import MultiTaskModule, SharedDistiller, Task
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
-from lightning_mtkd.models import ConvBackbone, MultiTaskNet
+from lightning_mtkd.models import MultiTaskNet, ConvBackbone
 
 
 def fit(module, tmp_path, dm=None):

@@ -10,13 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_mtkd.losses.functional import FeatureDistance, feature_distance
-from lightning_mtkd.strategies.base import (
-    TEACHER,
-    DistillationModule,
-    ModelOutputs,
-    _save_config_hparams,
-    teacher_config,
-)
+from lightning_mtkd.strategies.base import TEACHER, DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
 from lightning_mtkd.tasks import Task
 from lightning_mtkd.weighting.base import Weighting
 
