@@ -14,6 +14,12 @@ from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.models import ConvBackbone, MLPBackbone, MultiTaskNet
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# nbmake runs notebooks/ in a Jupyter kernel, a separate process: pytest's `pythonpath = ["."]` does not reach it,
+# the environment does. Put this checkout first so the kernel imports the package under test (decisive in a second
+# worktree or an uninstalled checkout; a no-op for `make test`'s editable install). `pytest notebooks/` alone skips
+# this file: set PYTHONPATH=. there.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 TASKS = [Task("left", num_classes=10), Task("right", num_classes=10)]
 HEADS = {"left": 10, "right": 10}

@@ -15,9 +15,19 @@ def test_there_are_configs():
     assert any(c.endswith("shared.yaml") for c in CONFIGS)
 
 
+#: Fragments added after a run's config (`--config run.yaml --config logger/wandb.yaml`): built on top of shared.yaml.
+FRAGMENT_DIRS = ("logger",)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: Path(c).name)
-def test_config_parses_and_builds(config):
-    cli = main(["--config", config, "--trainer.logger=false"], run=False)
+def test_config_parses_and_builds(config, tmp_path, monkeypatch):
+    if Path(config).parent.name in FRAGMENT_DIRS:
+        monkeypatch.chdir(tmp_path)  # a logger may create its directory when built
+        base = str(Path(__file__).parents[1] / "configs" / "multimnist" / "shared.yaml")
+        cli = main(["--config", base, "--config", config], run=False)
+        assert cli.trainer.logger is not None
+    else:
+        cli = main(["--config", config, "--trainer.logger=false"], run=False)
     assert isinstance(cli.model, MultiTaskModule)
 
 
