@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lightning_mtkd.callbacks.guard import NonFiniteLossGuard
 from lightning_mtkd.callbacks.report import DistillationReport, run_directory
 from lightning_mtkd.data.base import MultiTaskDataModule
 from lightning_mtkd.strategies.base import MultiTaskModule
@@ -57,10 +58,11 @@ class SaveConfigToRun(SaveConfigCallback):
 
 
 class MTKDCLI(LightningCLI):
-    """LightningCLI plus the always-on distillation report (``--report.*``)."""
+    """LightningCLI plus the always-on distillation report (``--report.*``) and NaN/inf guard (``--guard.*``)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(DistillationReport, "report")
+        parser.add_lightning_class_args(NonFiniteLossGuard, "guard")
 
 
 def main(args: ArgsType = None, run: bool = True) -> LightningCLI | Any:

@@ -11,7 +11,6 @@ out because only the student network (``--student``, default ``model``) is expor
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -48,25 +47,9 @@ def load_student(ckpt_path: str, student: str = "model") -> nn.Module:
 
     The checkpoint is loaded with ``weights_only=True``; teachers are not loaded (they are never needed).
     """
-    from lightning_mtkd.strategies.base import MultiTaskModule
+    from lightning_mtkd.strategies.base import load_module
 
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(
-            f"export: checkpoint {ckpt_path!r} does not exist; pass the path of a trained run's .ckpt."
-        )
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-    if "_class_path" not in hparams:
-        raise ValueError(
-            f"export: {ckpt_path!r} is not a lightning-mtkd checkpoint (no recorded module class); export a checkpoint "
-            "written by MultiTaskModule or a distillation strategy, or call export_module() on your own network."
-        )
-    # Load through the recorded class itself: Lightning filters the hyper-parameters by the signature of
-    # the class it is called on, so MultiTaskModule.load_from_checkpoint would drop a strategy's arguments.
-    module_path, _, name = hparams["_class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, MultiTaskModule)):
-        raise ValueError(f"export: {ckpt_path!r} records class {hparams['_class_path']!r}, not a MultiTaskModule.")
-    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    module = load_module(ckpt_path, role="export")
     try:
         network = module.get_submodule(student)
     except AttributeError as error:

@@ -72,3 +72,12 @@ def test_unknown_distance_fails_at_parse(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--model.init_args.distance=l3"], run=False)
     assert "l3" in capsys.readouterr().err
+
+
+def test_cli_adds_the_nonfinite_guard_by_default():
+    from lightning_mtkd.callbacks import NonFiniteLossGuard
+
+    config = Path(__file__).parents[1] / "configs" / "multimnist" / "scratch.yaml"
+    cli = main(["--config", str(config), "--trainer.logger=false", "--guard.policy=skip"], run=False)
+    guards = [cb for cb in cli.trainer.callbacks if isinstance(cb, NonFiniteLossGuard)]
+    assert len(guards) == 1 and guards[0].policy == "skip"

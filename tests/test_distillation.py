@@ -1,12 +1,14 @@
 """The shared step and teacher hygiene, through SharedDistiller (the base's behaviour is the same for all)."""
 
 import lightning as L
+import pytest
 import torch
 from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
 
 from lightning_mtkd import DistillationModule, MultiTaskModule, SharedDistiller, Task
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
+from lightning_mtkd.strategies.base import UNSAVED_TEACHER
 
 
 def make_distiller(teacher, **kwargs):
@@ -39,7 +41,13 @@ def test_teacher_is_frozen_unchanged_in_eval_and_outside_optimizer_and_checkpoin
     teacher_tensors = {t.data_ptr() for t in teacher.state_dict().values()}
     assert not any(k.startswith("teacher") for k in checkpoint["state_dict"])
     assert len(checkpoint["state_dict"]) == len(module.model.state_dict()) + len(module.adaptors.state_dict())
-    assert checkpoint["hyper_parameters"]["teacher"] is None  # a module teacher is never pickled in
+    assert checkpoint["hyper_parameters"]["teacher"] == UNSAVED_TEACHER  # a module teacher is never pickled in
+
+    reloaded = SharedDistiller.load_from_checkpoint(path, weights_only=True)
+    with pytest.warns(UserWarning, match="not available"):
+        assert "test/left/acc" in quick_trainer(tmp_path).test(reloaded, random_datamodule(), verbose=False)[0]
+    with pytest.raises(RuntimeError, match="loaded from a checkpoint of a teacher given as a module"):
+        quick_trainer(tmp_path).fit(reloaded, random_datamodule())
     assert teacher_tensors  # (sanity)
 
 
@@ -127,3 +135,16 @@ def test_multitask_module_trains_and_reloads_from_python(tmp_path):
     reloaded = MultiTaskModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
     assert reloaded.tasks == module.tasks
     assert isinstance(reloaded.tasks["left"], Task)
+
+
+def test_a_distilled_student_checkpoint_can_teach(tmp_path, teacher_ckpt):
+    module = make_distiller(teacher_ckpt)
+    trainer = quick_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, random_datamodule())
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    from lightning_mtkd import load_teacher
+
+    network = load_teacher(str(tmp_path / "student.ckpt"))
+    x = torch.randn(2, 1, 12, 12)
+    module.eval()
+    torch.testing.assert_close(network.eval()(x)["left"], module(x)["left"])

@@ -44,7 +44,7 @@ def test_feature_path_that_names_no_module(tmp_path):
 
 def test_teacher_checkpoint_that_does_not_exist(tmp_path):
     module = SharedDistiller(conv_net(), str(tmp_path / "nope.ckpt"), TASKS)
-    with pytest.raises(FileNotFoundError, match=r"nope.ckpt' does not exist.*Train the teacher first"):
+    with pytest.raises(FileNotFoundError, match=r"nope.ckpt' does not exist.*Train it first"):
         fit(module, tmp_path)
 
 

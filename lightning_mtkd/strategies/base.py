@@ -18,6 +18,7 @@ The shared step, in order:
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -40,6 +41,9 @@ STAGES = ("train", "val", "test")
 
 #: The name under which a single teacher is kept.
 TEACHER = "teacher"
+
+#: What a student's checkpoint records for a teacher that was given as a module (its weights are never saved).
+UNSAVED_TEACHER = "<teacher given as a module: not saved>"
 
 
 @dataclass
@@ -411,7 +415,7 @@ class DistillationModule(MultiTaskModule):
         return self.teachers[TEACHER]
 
     def _prepare_teacher(self, name: str, source: nn.Module | str | None) -> nn.Module:
-        if source is None:
+        if source is None or source == UNSAVED_TEACHER:
             raise RuntimeError(
                 f"teacher {name!r} is not available: this module was loaded from a checkpoint of a teacher given as "
                 "a module. Pass `teacher=` (a module or checkpoint path) to train or evaluate against it."
@@ -536,7 +540,7 @@ class DistillationModule(MultiTaskModule):
 
     def _teachers_loadable(self) -> bool:
         for name, source in self._teacher_sources.items():
-            if source is None or (isinstance(source, str) and not os.path.exists(source)):
+            if source is None or source == UNSAVED_TEACHER or (isinstance(source, str) and not os.path.exists(source)):
                 warnings.warn(
                     f"teacher {name!r} is not available ({source!r}); evaluating the student alone.", stacklevel=2
                 )
@@ -617,29 +621,43 @@ def teacher_config(teacher: Any) -> Any:
     """A teacher as stored in hyper-parameters: checkpoint paths kept, modules dropped.
 
     A module's weights must never enter the student's checkpoint, and rebuilding its architecture
-    alone would give a random teacher, so a teacher given as a module is recorded as ``None``.
+    alone would give a random teacher, so a teacher given as a module is recorded as :data:`UNSAVED_TEACHER`
+    (not ``None``: jsonargparse treats a null required argument as missing when the checkpoint reloads).
     """
     if isinstance(teacher, dict):
         return {name: teacher_config(value) for name, value in teacher.items()}
-    return teacher if isinstance(teacher, str) else None
+    return teacher if isinstance(teacher, str) else UNSAVED_TEACHER
 
 
-def load_teacher(path: str, name: str = TEACHER) -> nn.Module:
-    """The network inside a ``MultiTaskModule`` (or distilled student) checkpoint, frozen for teaching."""
+def load_module(path: str, role: str = "checkpoint") -> MultiTaskModule:
+    """The lightning-mtkd module saved at ``path`` (its own class, hyper-parameters and weights; no teacher loaded).
+
+    Loads through the class recorded in the checkpoint: Lightning filters hyper-parameters by the
+    signature of the class it is called on, so ``MultiTaskModule.load_from_checkpoint`` would drop a
+    strategy's own arguments.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"teacher {name!r}: checkpoint {path!r} does not exist. Train the teacher first (e.g. "
+            f"{role}: checkpoint {path!r} does not exist. Train it first (e.g. "
             "`lightning-mtkd fit --config configs/multimnist/teacher.yaml`) or fix the path."
         )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "state_dict" not in checkpoint or "_class_path" not in hparams:
+    recorded = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if "state_dict" not in checkpoint or recorded is None:
         raise ValueError(
-            f"teacher {name!r}: {path!r} is not a lightning-mtkd checkpoint (no state_dict or module class); give a "
-            "checkpoint written by MultiTaskModule or a distillation strategy, or pass the teacher as a module."
+            f"{role}: {path!r} is not a lightning-mtkd checkpoint (no state_dict or module class); give a "
+            "checkpoint written by MultiTaskModule or a distillation strategy, or pass the network as a module."
         )
-    module = MultiTaskModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    return module.model
+    module_path, _, name = recorded.rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MultiTaskModule)):
+        raise ValueError(f"{role}: {path!r} records class {recorded!r}, which is not a lightning-mtkd module.")
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+def load_teacher(path: str, name: str = TEACHER) -> nn.Module:
+    """The network inside a ``MultiTaskModule`` (or distilled student) checkpoint, to be frozen for teaching."""
+    return load_module(path, role=f"teacher {name!r}").model
 
 
 def _is_subclass_of(cls: type, path: str) -> bool:
