@@ -1,8 +1,27 @@
 """lightning-mtkd: multi-task knowledge distillation strategies for PyTorch Lightning."""
 
-from lightning_mtkd.strategies import DistillationModule, ModelOutputs, MultiTaskModule, SharedDistiller, load_teacher
+from lightning_mtkd.strategies import (
+    AdaptiveDistiller,
+    AttentionDistiller,
+    AttentionPair,
+    DistillationModule,
+    ModelOutputs,
+    MultiTaskModule,
+    SharedDistiller,
+    load_teacher,
+)
 from lightning_mtkd.tasks import Task
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillationModule", "ModelOutputs", "MultiTaskModule", "SharedDistiller", "Task", "load_teacher"]
+__all__ = [
+    "AdaptiveDistiller",
+    "AttentionDistiller",
+    "AttentionPair",
+    "DistillationModule",
+    "ModelOutputs",
+    "MultiTaskModule",
+    "SharedDistiller",
+    "Task",
+    "load_teacher",
+]

@@ -2,7 +2,18 @@
 
 from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.backbones import ConvBackbone, MLPBackbone, count_parameters
-from lightning_mtkd.models.hooks import FeatureTap, resolve_module
+from lightning_mtkd.models.hooks import FeatureTap, request_attention_weights, resolve_module
 from lightning_mtkd.models.multitask import MultiTaskNet
+from lightning_mtkd.models.transformer import PatchTransformerBackbone
 
-__all__ = ["Adaptor", "ConvBackbone", "FeatureTap", "MLPBackbone", "MultiTaskNet", "count_parameters", "resolve_module"]
+__all__ = [
+    "Adaptor",
+    "ConvBackbone",
+    "FeatureTap",
+    "MLPBackbone",
+    "MultiTaskNet",
+    "PatchTransformerBackbone",
+    "count_parameters",
+    "request_attention_weights",
+    "resolve_module",
+]
