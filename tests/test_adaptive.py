@@ -67,8 +67,9 @@ def test_fit_student_matching_teacher_on_left_and_lagging_on_right(tmp_path):
         weighting=UncertaintyWeighting(), optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
     )
     trainer = quick_trainer(tmp_path, max_epochs=1, limit_train_batches=1)  # the sanity check must not update
-    trainer.fit(module, teacher_labelled_data(teacher))
-    metrics = trainer.callback_metrics
+    data = teacher_labelled_data(teacher)
+    trainer.fit(module, data)
+    metrics = dict(trainer.callback_metrics)
     assert metrics["val/left/acc"] == metrics["val/left/teacher_acc"] == 1.0
     lag = 1.0 - metrics["val/right/acc"].item()
     assert lag > 0.5
@@ -79,6 +80,9 @@ def test_fit_student_matching_teacher_on_left_and_lagging_on_right(tmp_path):
     assert 0.25 <= left < 1.0 < right <= 4.0
     assert metrics["val/right/kd_weight"].item() == pytest.approx(right)
     assert metrics["val/left/kd_temperature"].item() < 4.0 < metrics["val/right/kd_temperature"].item()
+
+    trainer.validate(module, data, verbose=False)  # evaluating alone does not move the weights
+    assert module.kd_weight.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
 
     path = tmp_path / "adaptive.ckpt"
     trainer.save_checkpoint(path)

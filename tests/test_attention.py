@@ -136,10 +136,10 @@ def test_attention_term_falls_when_training_on_it_alone():
     teacher = conv_net((8, 16), 32)
     module = AttentionDistiller(conv_net((2, 4), 8), teacher, TASKS, layers=CONV_LAYERS[:1], alpha=1.0)
     module.setup("fit")
-    x = torch.randn(16, 1, 12, 12)
-    optimizer = torch.optim.Adam(module.model.parameters(), lr=0.02)
+    x = torch.randn(8, 1, 12, 12)
+    optimizer = torch.optim.Adam(module.model.parameters(), lr=0.05)
     losses = []
-    for _ in range(30):
+    for _ in range(15):
         terms = module.distillation_loss(module.student_forward(x), module.teacher_forward({"input": x}), {})
         optimizer.zero_grad()
         terms["attention"].backward()

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
@@ -149,7 +150,8 @@ class AdaptiveDistiller(DistillationModule):
         return terms
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self._teacher_sources:
+        # Only while fitting: the sanity check and a stand-alone `validate` must not move the weights.
+        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING or not self._teacher_sources:
             return
         student, teacher = [], []
         for name, task in self.tasks.items():

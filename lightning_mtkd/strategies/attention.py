@@ -149,14 +149,6 @@ class AttentionDistiller(DistillationModule):
             return "weights"
         return "map"
 
-    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
-        missing = [name for name in self.tasks if name not in teachers[TEACHER].outputs]
-        if missing:
-            raise KeyError(
-                f"the teacher outputs no {missing} (it outputs {list(teachers[TEACHER].outputs)}). AttentionDistiller "
-                "needs a multi-task teacher trained on every task in `tasks`."
-            )
-
     def distillation_loss(
         self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
     ) -> dict[str, Tensor]:
