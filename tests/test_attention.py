@@ -183,6 +183,16 @@ def test_a_mismatched_layer_map_fails_clearly():
         module.distillation_loss(module.student_forward(x), module.teacher_forward({"input": x}), {})
 
 
+def test_an_attention_layer_that_returns_no_weights_fails_clearly():
+    from lightning_mtkd.strategies.attention import _attention_input
+
+    recorded = {"encoder.self_attn": (torch.zeros(2, 9, 8), None)}  # what need_weights=False leaves
+    with pytest.raises(ValueError, match=r"student attention layer 'encoder.self_attn' yielded no per-head attention"):
+        _attention_input(recorded, "encoder.self_attn", "weights", "student")
+    with pytest.raises(RuntimeError, match="recorded nothing in the forward pass"):
+        _attention_input({}, "encoder.self_attn", "weights", "teacher")
+
+
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="names task 'middle'"):
         AttentionDistiller(conv_net(), conv_net(), TASKS, layers=[{"student": "a", "teacher": "b", "task": "middle"}])
