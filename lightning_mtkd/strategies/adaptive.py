@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
 from lightning_mtkd.tasks import Task
@@ -85,6 +86,10 @@ class AdaptiveDistiller(DistillationModule):
             max_weight: 4.0
     """
 
+    initial_kd_weight: Tensor
+    kd_weight: Tensor
+    kd_temperature: Tensor
+
     def __init__(
         self,
         student: nn.Module,
@@ -154,9 +159,12 @@ class AdaptiveDistiller(DistillationModule):
         if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING or not self._teacher_sources:
             return
         student, teacher = [], []
+        student_metrics: nn.ModuleDict = getattr(self, "val_metrics")  # noqa: B009 - set by name in the base
+        teacher_metrics: nn.ModuleDict = getattr(self, "val_teacher_metrics")  # noqa: B009
         for name, task in self.tasks.items():
             metric = task.primary_metric
-            ours, theirs = self.val_metrics[name][metric], self.val_teacher_metrics[name][metric]
+            ours = cast(MetricCollection, student_metrics[name])[metric]
+            theirs = cast(MetricCollection, teacher_metrics[name])[metric]
             if not (ours.update_called and theirs.update_called):
                 return  # no validation batch ran
             student.append(ours.compute())

@@ -42,6 +42,9 @@ class TeacherAnnealing(StaticWeighting):
         weighting: {class_path: lightning_mtkd.weighting.TeacherAnnealing}
     """
 
+    steps_taken: Tensor
+    steps_total: Tensor
+
     def __init__(self, total_steps: int | None = None) -> None:
         super().__init__()
         if total_steps is not None and total_steps < 1:

@@ -44,6 +44,12 @@ class DynamicWeightAverage(Weighting):
         weighting: {class_path: lightning_mtkd.weighting.DynamicWeightAverage, init_args: {temperature: 2.0}}
     """
 
+    weights: Tensor
+    epoch_loss_sum: Tensor
+    epoch_steps: Tensor
+    history: Tensor
+    epochs_seen: Tensor
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         if not temperature > 0:

@@ -67,6 +67,9 @@ class GradNorm(Weighting):
         weighting: {class_path: lightning_mtkd.weighting.GradNorm, init_args: {alpha: 1.5, shared_layer: backbone}}
     """
 
+    initial_losses: Tensor
+    initialised: Tensor
+
     def __init__(self, alpha: float = 1.5, shared_layer: str = "backbone") -> None:
         super().__init__()
         if alpha < 0:
@@ -84,7 +87,10 @@ class GradNorm(Weighting):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def attach(self, module: L.LightningModule) -> None:
-        self.attach_model(module.model)
+        model = module.model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradNorm: {type(module).__name__} has no network `model`; call attach_model(network).")
+        self.attach_model(model)
 
     def attach_model(self, model: nn.Module) -> None:
         """Find ``W``, the parameters of the last shared layer, in ``model``."""
