@@ -194,3 +194,46 @@ def test_plugin_state_survives_checkpoint_and_weights_are_logged(name, make, sta
         "annealing": lambda w: w.steps_taken.item() == 6 and w.steps_total.item() == 6,
     }[name]
     assert changed(reloaded.weighting), "the fit should have moved the plug-in's state"
+
+
+def test_dwa_running_sums_survive_a_mid_epoch_save_and_load():
+    weighting = ready(DynamicWeightAverage()).train()
+    weighting.combine({"left": t(1.5), "right": t(2.5)}, {}, 0.0)
+    state = weighting.state_dict()
+    fresh = ready(DynamicWeightAverage())
+    fresh.load_state_dict(state)
+    assert fresh.epoch_loss_sum.tolist() == [1.5, 2.5] and fresh.epoch_steps.item() == 1
+
+
+class RecordsEpochLossesAcrossRanks(L.Callback):
+    """Averages the per-task losses every rank saw in the epoch, to check DWA's averages against."""
+
+    def __init__(self) -> None:
+        self.seen, self.averages = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen.append(torch.stack([outputs["left/loss"], outputs["right/loss"]]).detach())
+
+    def on_train_epoch_end(self, trainer, module):  # called before the module's own hook
+        gathered = module.all_gather(torch.stack(self.seen))  # (ranks, steps, tasks)
+        self.averages.append(gathered.reshape(-1, 2).mean(0))
+        self.seen = []
+
+    def on_train_end(self, trainer, module):
+        weighting = module.weighting
+        if isinstance(weighting, DynamicWeightAverage):
+            assert torch.allclose(weighting.history[1], self.averages[-1], atol=1e-6), "not the average of all ranks"
+            assert torch.allclose(weighting.history[0], self.averages[-2], atol=1e-6)
+        for key, value in weighting.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                gathered = module.all_gather(value)
+                assert torch.equal(gathered[0], gathered[1]), f"{key} differs between ranks"
+
+
+@pytest.mark.parametrize("make", [DynamicWeightAverage, GradNorm], ids=["dwa", "gradnorm"])
+def test_weighting_state_agrees_across_two_ddp_processes(make, tmp_path):
+    L.seed_everything(0)
+    module = MultiTaskModule(conv_net(), TASKS, weighting=make())
+    trainer = quick_trainer(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=3,
+                            limit_val_batches=0, callbacks=[RecordsEpochLossesAcrossRanks()])
+    trainer.fit(module, random_datamodule(n=64))

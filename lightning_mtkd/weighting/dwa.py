@@ -32,8 +32,9 @@ class DynamicWeightAverage(Weighting):
     The losses weighted are :math:`\mathcal{L}_t = (1-\alpha)\mathcal{L}^{sup}_t + \alpha\,\mathcal{L}^{KD}_t`
     (see :func:`dwa_weights`); shared distillation terms are added with weight :math:`\alpha`. The
     first two epochs use weight 1, as in the paper. Training losses are summed on the device
-    during the epoch (no host sync) and averaged (across DDP ranks too) at its end. The running
-    sums, the last two epoch averages and the weights are buffers: resuming loses nothing.
+    during the epoch (no host sync) and averaged (across DDP ranks too) at its end. The last two
+    epoch averages and the weights are buffers, the running sums extra state: all are in
+    ``state_dict``, so resuming, even mid-epoch, loses nothing.
     ``Task.weight`` is not used.
 
     Args:
@@ -45,8 +46,6 @@ class DynamicWeightAverage(Weighting):
     """
 
     weights: Tensor
-    epoch_loss_sum: Tensor
-    epoch_steps: Tensor
     history: Tensor
     epochs_seen: Tensor
 
@@ -60,21 +59,25 @@ class DynamicWeightAverage(Weighting):
         super().setup_tasks(tasks)
         k = len(self.tasks)
         self.register_buffer("weights", torch.ones(k))
-        self.register_buffer("epoch_loss_sum", torch.zeros(k))
-        self.register_buffer("epoch_steps", torch.zeros(()))
         self.register_buffer("history", torch.ones(2, k))  # rows: epoch t-2, epoch t-1
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+        # This rank's running sums are not buffers: DDP broadcasts buffers from rank 0 before every forward,
+        # which would overwrite them. They reach state_dict as extra state instead.
+        self.epoch_loss_sum = torch.zeros(k)
+        self.epoch_steps = torch.zeros(())
 
     def combine(self, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor], alpha: float) -> Tensor:
         per_task, shared = self.task_terms(task_losses, distill_terms, alpha)
         losses = torch.stack([per_task[name] for name in self.tasks])
         if self.training and torch.is_grad_enabled():
+            if self.epoch_loss_sum.device != losses.device:
+                self.epoch_loss_sum, self.epoch_steps = self.epoch_loss_sum.to(losses), self.epoch_steps.to(losses)
             self.epoch_loss_sum += losses.detach()
             self.epoch_steps += 1
         return (self.weights * losses).sum() + shared
 
     def on_train_epoch_end(self) -> None:
-        sums, steps = self.epoch_loss_sum.clone(), self.epoch_steps.clone()
+        sums, steps = self.epoch_loss_sum.to(self.history), self.epoch_steps.to(self.history)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
             dist.all_reduce(steps)
@@ -84,8 +87,14 @@ class DynamicWeightAverage(Weighting):
         # From the third epoch on (two full epochs seen), as in the paper; torch.where avoids a host sync.
         update = dwa_weights(self.history[1], self.history[0], self.temperature)
         self.weights.copy_(torch.where(self.epochs_seen >= 2, update, torch.ones_like(update)))
-        self.epoch_loss_sum.zero_()
-        self.epoch_steps.zero_()
+        self.epoch_loss_sum = torch.zeros_like(sums)
+        self.epoch_steps = torch.zeros_like(steps)
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return {"epoch_loss_sum": self.epoch_loss_sum.clone(), "epoch_steps": self.epoch_steps.clone()}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.epoch_loss_sum, self.epoch_steps = state["epoch_loss_sum"].clone(), state["epoch_steps"].clone()
 
     def current_weights(self) -> dict[str, Tensor]:
         return dict(zip(self.tasks, self.weights.clone(), strict=True))
