@@ -136,4 +136,6 @@ class GradNorm(Weighting):
         return torch.linalg.vector_norm(torch.cat(flat)) if flat else loss.new_zeros(())
 
     def current_weights(self) -> dict[str, Tensor]:
-        return dict(zip(self.tasks, self.task_weights.detach().clone(), strict=True))
+        # As the next step will use them: renormalised to sum to the number of tasks.
+        weights = self.task_weights.detach().clamp_min(1e-6)
+        return dict(zip(self.tasks, weights * len(self.tasks) / weights.sum(), strict=True))
