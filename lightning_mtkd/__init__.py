@@ -1,6 +1,9 @@
 """lightning-mtkd: multi-task knowledge distillation strategies for PyTorch Lightning."""
 
 from lightning_mtkd.strategies import (
+    AdaptiveDistiller,
+    AttentionDistiller,
+    AttentionPair,
     DistillationModule,
     FusionDistiller,
     ModelOutputs,
@@ -16,6 +19,9 @@ from lightning_mtkd.tasks import Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveDistiller",
+    "AttentionDistiller",
+    "AttentionPair",
     "DistillationModule",
     "FusionDistiller",
     "ModelOutputs",

@@ -142,3 +142,78 @@ def confidence_weights(teacher_losses: Tensor, present: Tensor) -> Tensor:
         return uniform
     weights = (1 - F.softmax(teacher_losses, dim=0)) / (k - 1)
     return torch.where(present.unsqueeze(0), weights, uniform)
+
+
+AttentionLoss = Literal["kl", "mse"]
+
+
+def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
+    r"""Spatial attention map of a conv feature map ``(B, C, H, W)``: :math:`Q = \sum_c |A_c|^p`, ``(B, H, W)``.
+
+    Zagoruyko & Komodakis, *Paying More Attention to Attention: Improving the Performance of
+    Convolutional Neural Networks via Attention Transfer*, ICLR 2017 (the activation-based map
+    :math:`F^p_{sum}`). Not normalised; :func:`attention_transfer_loss` normalises it.
+    """
+    if feature.dim() != 4:
+        raise ValueError(
+            f"attention transfer needs conv feature maps (B, C, H, W), got shape {tuple(feature.shape)}; name a "
+            "convolutional layer (or an nn.MultiheadAttention layer for transformer attention)."
+        )
+    return feature.abs().pow(p).sum(dim=1)
+
+
+def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+    r"""Attention transfer between conv feature maps of any channel counts.
+
+    .. math::
+        \mathcal{L}_{AT} = \frac{1}{B}\sum_b \Big\| \frac{q^s_b}{\|q^s_b\|_2} - \frac{q^t_b}{\|q^t_b\|_2} \Big\|_2^2,
+        \qquad q = \mathrm{vec}\big(\textstyle\sum_c |A_c|^p\big)
+
+    (Zagoruyko & Komodakis, ICLR 2017, eq. 2, squared as in the authors' code so that the gradient is
+    defined at zero). The student's map is resized to the teacher's spatial size (bilinear) when
+    they differ. Each term lies in [0, 4].
+    """
+    q_student, q_teacher = attention_map(student, p), attention_map(teacher, p)
+    if q_student.shape[0] != q_teacher.shape[0]:
+        raise ValueError(f"batch sizes differ: student {q_student.shape[0]} vs teacher {q_teacher.shape[0]}.")
+    if q_student.shape[1:] != q_teacher.shape[1:]:
+        q_student = F.interpolate(
+            q_student.unsqueeze(1), size=tuple(q_teacher.shape[1:]), mode="bilinear", align_corners=False
+        ).squeeze(1)
+    s = F.normalize(q_student.flatten(1), dim=1)
+    t = F.normalize(q_teacher.flatten(1), dim=1)
+    return (s - t).pow(2).sum(dim=1).mean()
+
+
+def attention_probability_loss(student: Tensor, teacher: Tensor, loss: AttentionLoss = "kl") -> Tensor:
+    r"""Distance between transformer attention probabilities ``(B, heads, queries, keys)``.
+
+    - ``kl`` (MiniLM: Wang et al., *MiniLM: Deep Self-Attention Distillation for Task-Agnostic
+      Compression of Pre-Trained Transformers*, NeurIPS 2020):
+      :math:`\frac{1}{B H L}\sum_{b,h,l} \mathrm{KL}(A^t_{bhl}\,\|\,A^s_{bhl})`, each row a distribution
+      over the keys;
+    - ``mse`` (TinyBERT: Jiao et al., *TinyBERT: Distilling BERT for Natural Language Understanding*,
+      Findings of EMNLP 2020): :math:`\mathrm{mean}\,(A^s - A^t)^2` — on the probabilities, which
+      :class:`torch.nn.MultiheadAttention` returns (TinyBERT fits the scores before the softmax).
+
+    When the head counts differ, both sides are averaged over their heads first (an average of
+    attention distributions is one too).
+    """
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError(
+            f"attention probabilities must be (B, heads, queries, keys), got student {tuple(student.shape)} and "
+            f"teacher {tuple(teacher.shape)}."
+        )
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(dim=1, keepdim=True), teacher.mean(dim=1, keepdim=True)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"attention shapes differ: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)} "
+            "(B, heads, queries, keys); the paired layers must attend over the same tokens (same patching)."
+        )
+    if loss == "mse":
+        return F.mse_loss(student, teacher)
+    if loss == "kl":
+        kl = torch.special.xlogy(teacher, teacher) - teacher * torch.log(student.clamp_min(1e-12))
+        return kl.sum(dim=-1).mean()
+    raise ValueError(f"unknown attention loss {loss!r}; use 'kl' or 'mse'.")

@@ -2,9 +2,10 @@
 
 from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.backbones import ConvBackbone, MLPBackbone, count_parameters
-from lightning_mtkd.models.hooks import FeatureTap, resolve_module
+from lightning_mtkd.models.hooks import FeatureTap, request_attention_weights, resolve_module
 from lightning_mtkd.models.multitask import MultiTaskNet
 from lightning_mtkd.models.students import TaskStudents
+from lightning_mtkd.models.transformer import PatchTransformerBackbone
 
 __all__ = [
     "Adaptor",
@@ -12,7 +13,9 @@ __all__ = [
     "FeatureTap",
     "MLPBackbone",
     "MultiTaskNet",
+    "PatchTransformerBackbone",
     "TaskStudents",
     "count_parameters",
+    "request_attention_weights",
     "resolve_module",
 ]

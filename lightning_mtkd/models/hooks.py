@@ -63,3 +63,34 @@ class _Recorder:
 
     def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         self.store[self.path] = output
+
+
+def request_attention_weights(module: nn.Module) -> None:
+    """Make an ``nn.MultiheadAttention`` return its per-head attention probabilities, for a :class:`FeatureTap`.
+
+    Callers such as ``nn.TransformerEncoderLayer`` ask for ``need_weights=False``; a forward pre-hook
+    turns on ``need_weights`` and turns off ``average_attn_weights`` instead, so the module returns
+    ``(output, weights (B, heads, queries, keys))``. The output is the same attention computed
+    without the fused kernel (equal to float rounding; the tests check it). Any hook on a
+    submodule also keeps ``nn.TransformerEncoderLayer`` off its fused inference path, which would
+    skip the attention module altogether. Idempotent.
+    """
+    if not isinstance(module, nn.MultiheadAttention):
+        raise TypeError(f"attention weights can only be read from nn.MultiheadAttention, not {type(module).__name__}.")
+    if getattr(module, "_mtkd_weights_requested", False):
+        return
+
+    module.register_forward_pre_hook(_want_attention_weights, with_kwargs=True)
+    module._mtkd_weights_requested = True  # type: ignore[assignment]
+
+
+def _want_attention_weights(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # A module-level function, not a closure, so the hooked model pickles (ddp_spawn).
+    # forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+    arguments = list(args)
+    for index, name, value in ((4, "need_weights", True), (6, "average_attn_weights", False)):
+        if len(arguments) > index:
+            arguments[index] = value
+        else:
+            kwargs[name] = value
+    return tuple(arguments), kwargs

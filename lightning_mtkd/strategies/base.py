@@ -302,7 +302,11 @@ class MultiTaskModule(L.LightningModule):
                 "it was trained with), or start a new fit without `ckpt_path`."
             )
 
+    def on_fit_start(self) -> None:
+        self.weighting.attach(self)
+
     def on_train_epoch_end(self) -> None:
+        self.weighting.on_train_epoch_end()
         weights = self.weighting.current_weights()
         if weights:
             self.log_dict({f"train/{task}/weight": w for task, w in weights.items()})
@@ -520,7 +524,8 @@ class DistillationModule(MultiTaskModule):
         if not self._use_teachers:
             return
         specs = self.adaptor_specs()
-        self.student_feature_paths = sorted({student_path for student_path, _, _ in specs.values()})
+        # Paths a strategy asked for itself (attention maps) plus those its adaptors read.
+        self.student_feature_paths = sorted({*self.student_feature_paths, *(path for path, _, _ in specs.values())})
         for name, paths in self._teacher_paths(specs).items():
             if name not in self._teacher_taps:
                 self._teacher_taps[name] = FeatureTap(self.teachers[name], paths, owner=f"teacher {name!r}")

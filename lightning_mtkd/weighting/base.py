@@ -11,12 +11,16 @@ Distillation terms are named ``"{kind}/{task}"`` for per-task terms (``"kd/left"
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lightning_mtkd.config import RecordsInitArgs
 from lightning_mtkd.tasks import Task
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def term_task(name: str) -> str | None:
@@ -36,12 +40,39 @@ class Weighting(RecordsInitArgs, nn.Module):
         """Called once by the module with its tasks, before training."""
         self.tasks = dict(tasks)
 
+    def attach(self, module: L.LightningModule) -> None:
+        """Called by the module at the start of fit: plug-ins that need the network (GradNorm's shared layer)
+        or the trainer (training progress) read them here. Keep no reference to ``module`` as a submodule:
+        it would enter ``state_dict``."""
+
     def combine(self, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor], alpha: float) -> Tensor:
         raise NotImplementedError
+
+    def on_train_epoch_end(self) -> None:
+        """Called by the module at the end of each training epoch, before the weights are logged."""
 
     def current_weights(self) -> dict[str, Tensor]:
         """Per-task weights to log (``{task: weight}``); empty if fixed."""
         return {}
+
+    def task_terms(
+        self, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor], alpha: float
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        r"""Split the terms into one loss per task and the shared remainder.
+
+        Per task :math:`\mathcal{L}_t = (1-\alpha)\,\mathcal{L}^{sup}_t + \alpha \sum_k \mathcal{L}^{k}_t`
+        (its per-task distillation terms ``"kind/t"``); shared :math:`\alpha \sum_s \mathcal{L}_s`. Learned
+        weightings weigh the :math:`\mathcal{L}_t`; the shared terms are added as they are.
+        """
+        per_task = {name: (1 - alpha) * loss for name, loss in task_losses.items()}
+        shared = torch.zeros((), device=next(iter(task_losses.values())).device)
+        for name, term in distill_terms.items():
+            task = term_task(name)
+            if task in per_task:
+                per_task[task] = per_task[task] + alpha * term
+            else:
+                shared = shared + alpha * term
+        return per_task, shared
 
 
 class StaticWeighting(Weighting):
