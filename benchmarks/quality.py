@@ -26,7 +26,18 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_mtkd import MultiTaskModule, SharedDistiller
+from lightning_mtkd import (
+    AdaptiveDistiller,
+    AttentionDistiller,
+    AttentionPair,
+    DistillationModule,
+    FusionDistiller,
+    MultiTaskModule,
+    SharedDistiller,
+    TaskSpecificDistiller,
+    TransferDistiller,
+)
+from lightning_mtkd.callbacks import TeacherCache
 from lightning_mtkd.demo import (
     DEFAULTS,
     TASKS,
@@ -58,12 +69,40 @@ def single_task_teachers(config: dict[str, Any], dm: L.LightningDataModule, root
 
 
 #: One builder per row: (teachers, config) → the LightningModule to fit. Every row gets the same student
-#: architecture and `student_optimizer`; a strategy runs with its defaults.
+#: architecture (transfer: two per-task students of about the same total size) and `student_optimizer`;
+#: a strategy runs with its defaults.
 Row = Callable[[Teachers, dict[str, Any]], MultiTaskModule]
+
+
+def _student(config: dict[str, Any]) -> torch.nn.Module:
+    return conv_net(config["student"])
+
+
+def _per_task_students(config: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    # Two students of ~10.5K parameters each: together about the 19K multi-task student.
+    spec = {"widths": [6, 12], "hidden": 48}
+    return {task.name: conv_net(spec, [task]) for task in TASKS}
+
+
 ROWS: dict[str, Row] = {
-    "scratch": lambda t, c: MultiTaskModule(conv_net(c["student"]), TASKS, **student_optimizer(c["student"])),
-    "shared": lambda t, c: SharedDistiller(
-        conv_net(c["student"]), t.multitask, TASKS, **student_optimizer(c["student"])
+    "scratch": lambda t, c: MultiTaskModule(_student(c), TASKS, **student_optimizer(c["student"])),
+    "shared": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, **student_optimizer(c["student"])),
+    "task-specific": lambda t, c: TaskSpecificDistiller(
+        _student(c), dict(t.single_task), TASKS, **student_optimizer(c["student"])
+    ),
+    "transfer": lambda t, c: TransferDistiller(
+        _per_task_students(c), t.multitask, TASKS, **student_optimizer(c["student"])
+    ),
+    "adaptive": lambda t, c: AdaptiveDistiller(_student(c), t.multitask, TASKS, **student_optimizer(c["student"])),
+    "attention": lambda t, c: AttentionDistiller(
+        _student(c),
+        t.multitask,
+        TASKS,
+        layers=[AttentionPair(f"backbone.features.{i}", f"backbone.features.{i}") for i in (3, 7)],
+        **student_optimizer(c["student"]),
+    ),
+    "fusion": lambda t, c: FusionDistiller(
+        _student(c), {"multitask": t.multitask, **t.single_task}, TASKS, **student_optimizer(c["student"])
     ),
 }
 
@@ -102,7 +141,12 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str) ->
         for seed in seeds:
             L.seed_everything(seed, workers=True)
             module = ROWS[row](teachers, config)
-            test = fit_and_test(module, dm, config["student"]["epochs"], progress=False)
+            # One disk cache shared by every seed (and by strategies that request the same outputs).
+            cache_dir = os.path.join(root, "teacher_outputs")
+            cache = (
+                TeacherCache(storage="disk", cache_dir=cache_dir) if isinstance(module, DistillationModule) else None
+            )
+            test = fit_and_test(module, dm, config["student"]["epochs"], progress=False, cache=cache)
             for t in TASKS:
                 accuracy[t.name].append(test[f"test/{t.name}/acc"])
             print(f"{row} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in accuracy.items()), flush=True)

@@ -30,7 +30,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
-from lightning_mtkd import MultiTaskModule, SharedDistiller, Task
+from lightning_mtkd import DistillationModule, MultiTaskModule, SharedDistiller, Task
+from lightning_mtkd.callbacks import TeacherCache
 from lightning_mtkd.data import MultiMNISTDataModule
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet, count_parameters
 
@@ -62,12 +63,13 @@ def student_optimizer(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainer(epochs: int, progress: bool, callbacks: list[Any] | None = None) -> L.Trainer:
+    callbacks = list(callbacks or [])
     return L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         logger=False,
-        callbacks=(callbacks or []) + ([RichProgressBar(leave=False)] if progress else []),
-        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks + ([RichProgressBar(leave=False)] if progress else []),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=progress,
         enable_model_summary=False,
         deterministic=True,
@@ -102,10 +104,20 @@ def train_or_reuse(
 
 
 def fit_and_test(
-    module: MultiTaskModule, dm: L.LightningDataModule, epochs: int, progress: bool = True
+    module: MultiTaskModule,
+    dm: L.LightningDataModule,
+    epochs: int,
+    progress: bool = True,
+    cache: TeacherCache | None = None,
 ) -> dict[str, float]:
-    """Fit for ``epochs`` and return the last epoch's test metrics (``test/<task>/acc`` …)."""
-    run = trainer(epochs, progress)
+    """Fit for ``epochs`` and return the last epoch's test metrics (``test/<task>/acc`` …).
+
+    A distillation module runs with ``cache`` (a :class:`TeacherCache`, in memory by default): the
+    teachers run once per sample instead of once per sample and epoch.
+    """
+    if cache is None and isinstance(module, DistillationModule):
+        cache = TeacherCache(storage="memory")
+    run = trainer(epochs, progress, [cache] if cache is not None else None)
     run.fit(module, dm)
     return run.test(module, dm, verbose=False)[0]
 
