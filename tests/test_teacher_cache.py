@@ -275,12 +275,16 @@ def test_cache_under_two_process_cpu_ddp(tmp_path):
     directory = tmp_path / "cache"
     on_disk = fit_ddp(TeacherCache(storage="disk", cache_dir=str(directory)))
     in_memory = fit_ddp(TeacherCache(storage="memory"))
+    precomputed = fit_ddp(TeacherCache(storage="disk", cache_dir=str(tmp_path / "pre"), precompute=True))
     assert_same_student(reference.model, on_disk.model)
     assert_same_student(reference.model, in_memory.model)
+    assert_same_student(reference.model, precomputed.model)
+    assert cache_files(tmp_path / "pre") == cache_files(directory)  # same fingerprint, filled by rank shards
 
     # The two ranks filled disjoint halves of one file; together they hold every sample's teacher outputs.
     (name,) = cache_files(directory)
     rows = read_cache_file(str(directory / name))
+    assert all(torch.equal(rows[k], v) for k, v in read_cache_file(str(tmp_path / "pre" / name)).items())
     dm = random_datamodule()
     dm.setup()
     teacher = teacher_net().eval()
