@@ -7,7 +7,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from conftest import TASKS, conv_net, quick_trainer, random_datamodule
+from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,7 +15,7 @@ from lightning_mtkd import DistillationModule, MultiTaskModule, SharedDistiller
 from lightning_mtkd.callbacks import TeacherCache
 from lightning_mtkd.callbacks.teacher_cache import HEADER_BYTES, _read_header, _write_header, read_cache_file
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
-from lightning_mtkd.models import FeatureTap
+from lightning_mtkd.models import ConvBackbone, FeatureTap, MultiTaskNet
 
 
 class ForwardCounter:
@@ -30,9 +30,14 @@ class ForwardCounter:
         self.samples += inputs[0].shape[0]
 
 
+def student_net() -> nn.Module:
+    # Dropout draws from the global RNG each step: a cache that consumed random numbers would change the student.
+    return MultiTaskNet(ConvBackbone(widths=(2, 4), hidden=8, dropout=0.5), HEADS)
+
+
 def fit(tmp_path, teacher, cache=None, epochs=2, dm=None, module_cls=SharedDistiller, **kwargs):
     L.seed_everything(0)
-    module = module_cls(conv_net((2, 4), 8), teacher, TASKS, **kwargs)
+    module = module_cls(student_net(), teacher, TASKS, **kwargs)
     trainer = quick_trainer(tmp_path, max_epochs=epochs, callbacks=[cache] if cache else [])
     trainer.fit(module, dm or random_datamodule())
     return module, trainer
@@ -270,12 +275,16 @@ def test_cache_under_two_process_cpu_ddp(tmp_path):
     directory = tmp_path / "cache"
     on_disk = fit_ddp(TeacherCache(storage="disk", cache_dir=str(directory)))
     in_memory = fit_ddp(TeacherCache(storage="memory"))
+    precomputed = fit_ddp(TeacherCache(storage="disk", cache_dir=str(tmp_path / "pre"), precompute=True))
     assert_same_student(reference.model, on_disk.model)
     assert_same_student(reference.model, in_memory.model)
+    assert_same_student(reference.model, precomputed.model)
+    assert cache_files(tmp_path / "pre") == cache_files(directory)  # same fingerprint, filled by rank shards
 
     # The two ranks filled disjoint halves of one file; together they hold every sample's teacher outputs.
     (name,) = cache_files(directory)
     rows = read_cache_file(str(directory / name))
+    assert all(torch.equal(rows[k], v) for k, v in read_cache_file(str(tmp_path / "pre" / name)).items())
     dm = random_datamodule()
     dm.setup()
     teacher = teacher_net().eval()

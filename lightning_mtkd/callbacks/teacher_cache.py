@@ -19,6 +19,7 @@ detected when opened, reported, and rebuilt, never read as numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ import os
 import random
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
@@ -206,12 +207,13 @@ class TeacherCache(L.Callback):
             return
         dataset, collate = loader.dataset, loader.collate_fn
         num_samples = len(dataset)  # type: ignore[arg-type]
-        self._check_deterministic(dataset, collate, split)
-        probe = _fetch(dataset, sorted({0, num_samples - 1}), collate)
-        with trainer.precision_plugin.forward_context():
-            results = module.run_teachers(move_data_to_device(probe, module.device))
-        layout = _Layout.from_results(results, num_samples, self.feature_dtype)
-        fingerprint = self._fingerprint(split, trainer, module, dataset, layout)
+        with _rng_preserved():  # reading samples here must not shift the training run's random draws
+            self._check_deterministic(dataset, collate, split)
+            probe = _fetch(dataset, sorted({0, num_samples - 1}), collate)
+            with trainer.precision_plugin.forward_context():
+                results = module.run_teachers(move_data_to_device(probe, module.device))
+            layout = _Layout.from_results(results, num_samples, self.feature_dtype)
+            fingerprint = self._fingerprint(split, trainer, module, dataset, layout)
         storage = self.storage
         if storage == "auto":
             storage = "memory" if layout.nbytes <= self.max_memory_mb * 2**20 else "disk"
@@ -232,18 +234,12 @@ class TeacherCache(L.Callback):
             self._precompute(store, trainer, module, loader)
 
     def _check_deterministic(self, dataset: Dataset, collate: Any, split: str) -> None:
-        """Refuse random transforms: read a few samples twice (RNG state restored, so training draws are unchanged)."""
+        """Refuse random transforms: read a few samples twice and compare."""
         if self.allow_random_transforms:
             return
         n = len(dataset)  # type: ignore[arg-type]
         indices = sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 8))})
-        states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
-        try:
-            first, second = _fetch(dataset, indices, collate), _fetch(dataset, indices, collate)
-        finally:
-            torch.random.set_rng_state(states[0])
-            np.random.set_state(states[1])
-            random.setstate(states[2])
+        first, second = _fetch(dataset, indices, collate), _fetch(dataset, indices, collate)
         if not _tree_equal(_inputs_of(first), _inputs_of(second)):
             raise RuntimeError(
                 f"teacher cache: the {split!r} data set gives different inputs each time the same samples are read "
@@ -281,7 +277,7 @@ class TeacherCache(L.Callback):
         precompute_loader = DataLoader(
             loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn, num_workers=loader.num_workers
         )
-        with trainer.precision_plugin.forward_context():
+        with _rng_preserved(), trainer.precision_plugin.forward_context():  # the loader draws a seed
             for batch in precompute_loader:
                 batch = move_data_to_device(batch, module.device)
                 store.write(batch["index"], module.run_teachers(batch))
@@ -592,6 +588,18 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         for tensor in _tensors(_inputs_of(_fetch(dataset, indices, None))):
             _update_with_tensor(digest, tensor)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Restore the global torch, NumPy and Python random states on exit."""
+    states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 def _update_with_tensor(digest: Any, tensor: Tensor) -> None:
