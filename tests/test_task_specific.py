@@ -14,6 +14,7 @@ from lightning_mtkd import ModelOutputs, MultiTaskModule, TaskSpecificDistiller
 from lightning_mtkd.cli import main
 from lightning_mtkd.losses.functional import feature_distance, soft_target_kd
 from lightning_mtkd.models import Adaptor, ConvBackbone, MultiTaskNet
+from lightning_mtkd.strategies.base import UNSAVED_TEACHER
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see multimnist_teachers.one_thread
 
@@ -61,7 +62,7 @@ def test_heterogeneous_teachers_adaptors_get_gradients_teachers_none_own_lr(tmp_
     path = tmp_path / "ts.ckpt"
     trainer.save_checkpoint(path)
     reloaded = TaskSpecificDistiller.load_from_checkpoint(path, weights_only=True)
-    assert reloaded.hparams["teacher"] == {"left": None, "right": None}
+    assert reloaded.hparams["teacher"] == {"left": UNSAVED_TEACHER, "right": UNSAVED_TEACHER}
     x = torch.randn(2, 8)
     torch.testing.assert_close(reloaded.adaptors["right"](x), module.adaptors["right"](x))
 
