@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint benchmark clean
+.PHONY: setup demo test lint quality benchmarks clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:warnings
+
+quality: $(STAMP)
+	PYTHONPATH=. $(PY) benchmarks/quality.py
+
+benchmarks: $(STAMP)
+	PYTHONPATH=. $(PY) benchmarks/overhead.py
+	PYTHONPATH=. $(PY) benchmarks/cache.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
