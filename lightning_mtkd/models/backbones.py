@@ -23,6 +23,7 @@ class ConvBackbone(RecordsInitArgs, nn.Module):
         dropout: Dropout before the hidden layer (regularises a teacher on small data).
 
     Example:
+        >>> import torch
         >>> net = ConvBackbone(widths=(4, 8), hidden=32)
         >>> tuple(net(torch.zeros(2, 1, 36, 36)).shape)
         (2, 32)
@@ -62,6 +63,7 @@ class MLPBackbone(RecordsInitArgs, nn.Module):
     """An MLP for flat (tabular) inputs; images are flattened. ``out_features`` is ``hidden[-1]``.
 
     Example:
+        >>> import torch
         >>> tuple(MLPBackbone(in_features=8, hidden=(16, 4))(torch.zeros(3, 8)).shape)
         (3, 4)
     """

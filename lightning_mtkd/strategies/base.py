@@ -666,13 +666,18 @@ def load_teacher(path: str, name: str = TEACHER) -> nn.Module:
 
 
 def _is_subclass_of(cls: type, path: str) -> bool:
-    """Whether ``cls`` is the class at ``path`` or a user's subclass of that strategy (compared by import path).
+    """Whether ``cls`` is the class recorded at ``path`` (any import path of it) or a user's subclass of it.
 
     A checkpoint of a base module (a teacher or scratch run) does not resume into a distillation strategy.
     """
-    if path in (class_path(MultiTaskModule), class_path(DistillationModule)):
-        return class_path(cls) == path
-    return any(class_path(klass) == path for klass in cls.__mro__)
+    module_path, _, name = path.rpartition(".")
+    try:
+        recorded = getattr(importlib.import_module(module_path), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    if recorded in (MultiTaskModule, DistillationModule):
+        return cls is recorded
+    return isinstance(recorded, type) and issubclass(cls, recorded)
 
 
 def _feature_tensor(feature: Any) -> Tensor:
