@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,155 @@ def test_bad_csv_files(tmp_path):
         CSVMultiTaskDataModule(str(path), **kwargs).setup()
     with pytest.raises(ValueError, match="'classification' or 'regression'"):
         CSVMultiTaskDataModule(str(path), targets={"y": "ordinal"})  # type: ignore[dict-item]
+
+
+# ----------------------------------------------------------------------------------------------- CelebA
+
+CELEBA_NAMES = ["5_o_Clock_Shadow", "Male", "Smiling"]
+
+
+def write_celeba(root, count: int = 6, width: int = 20, height: int = 24, names=CELEBA_NAMES) -> np.ndarray:
+    """The published layout: img_align_celeba/*.jpg, list_attr_celeba.txt, list_eval_partition.txt."""
+    from PIL import Image
+
+    (root / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    values = rng.choice([-1, 1], size=(count, len(names)))
+    for i in range(count):
+        pixels = np.full((height, width, 3), 30 * i, dtype=np.uint8)
+        pixels[:2], pixels[-2:] = 255, 255  # bands a centre crop of `width` rows removes
+        Image.fromarray(pixels).save(root / "img_align_celeba" / f"{i + 1:06d}.jpg", quality=95)
+    lines = [str(count), " ".join(names) + " "]
+    lines += [f"{i + 1:06d}.jpg " + " ".join(f"{v:2d}" for v in row) for i, row in enumerate(values)]
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    partition = [0, 0, 0, 1, 1, 2][:count] + [0] * max(0, count - 6)
+    (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(partition)))
+    return values
+
+
+def test_celeba_binary_tasks_subset_and_crop(tmp_path):
+    from lightning_mtkd.data import CelebADataModule
+
+    values = write_celeba(tmp_path)
+    dm = CelebADataModule(str(tmp_path), attributes=["Smiling", "Male"], mode="binary", image_size=10, crop=20,
+                          batch_size=3)
+    dm.setup()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 3, "val": 2, "test": 1}
+    assert [(t.name, t.kind, t.num_classes) for t in dm.tasks()] == [("Smiling", "classification", 2),
+                                                                      ("Male", "classification", 2)]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input"].shape == (2, 3, 10, 10) and batch["input"].dtype == torch.float32
+    # the white bands were cropped away: every pixel is the image's grey level (JPEG-close)
+    expected = torch.tensor([90.0, 120.0]).view(2, 1, 1, 1) / 255
+    torch.testing.assert_close(batch["input"], expected.expand(2, 3, 10, 10), atol=4 / 255, rtol=0)
+    assert batch["targets"]["Smiling"].tolist() == ((values[3:5, 2] + 1) // 2).tolist()
+    assert batch["targets"]["Male"].tolist() == ((values[3:5, 1] + 1) // 2).tolist()
+
+
+def test_celeba_multilabel_fits_one_step(tmp_path):
+    from lightning_mtkd.data import CelebADataModule
+    from lightning_mtkd.models import ConvBackbone
+
+    values = write_celeba(tmp_path)
+    (tmp_path / "img_align_celeba" / "000001.jpg").rename(tmp_path / "moved.jpg")  # Kaggle's nested folder
+    nested = tmp_path / "img_align_celeba" / "img_align_celeba"
+    nested.mkdir()
+    for f in [*sorted((tmp_path / "img_align_celeba").glob("*.jpg")), tmp_path / "moved.jpg"]:
+        f.rename(nested / ("000001.jpg" if f.name == "moved.jpg" else f.name))
+    dm = CelebADataModule(str(tmp_path), image_size=16, crop=None, batch_size=2)
+    dm.setup()
+    (task,) = dm.tasks()
+    assert (task.name, task.kind, task.num_classes) == ("attributes", "multilabel", 3)
+    batch = dm.splits["train"].__getitems__([0, 2])
+    assert batch["targets"]["attributes"].tolist() == ((values[[0, 2]] + 1) // 2).tolist()
+    net = MultiTaskNet(ConvBackbone(in_channels=3, widths=(4,), hidden=8), heads={"attributes": 3})
+    trainer = quick_trainer(tmp_path, max_epochs=1)
+    trainer.fit(MultiTaskModule(net, dm.tasks()), dm)
+    assert "val/attributes/f1" in trainer.callback_metrics
+
+
+def test_bad_celeba_folders(tmp_path):
+    from lightning_mtkd.data import CelebADataModule
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CelebADataModule(str(tmp_path / "none")).setup()
+    write_celeba(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown CelebA attribute\(s\) \['Smilling'\]"):
+        CelebADataModule(str(tmp_path), attributes=["Smilling"]).setup()
+    (tmp_path / "img_align_celeba" / "000004.jpg").write_bytes(b"not a jpeg")
+    dm = CelebADataModule(str(tmp_path), batch_size=2)
+    dm.setup()
+    with pytest.raises(ValueError, match="000004.jpg' cannot be decoded"):
+        next(iter(dm.val_dataloader()))
+    (tmp_path / "img_align_celeba" / "000004.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 6 images .* \(first: \[.000004.jpg.\]\)"):
+        CelebADataModule(str(tmp_path)).setup()
+    attr = tmp_path / "list_attr_celeba.txt"
+    attr.write_text(attr.read_text().replace("6\n", "7\n", 1))  # the count says 7, six are listed
+    with pytest.raises(ValueError, match="announces 7 images on line 1 but lists 6"):
+        CelebADataModule(str(tmp_path)).setup()
+    (tmp_path / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+    attr.write_text(attr.read_text().replace("7\n", "6\n", 1))
+    (tmp_path / "img_align_celeba" / "000004.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"5 image\(s\) of list_attr_celeba.txt have no line in list_eval_partition"):
+        CelebADataModule(str(tmp_path)).setup()
+    import shutil
+
+    shutil.rmtree(tmp_path / "img_align_celeba")
+    with pytest.raises(FileNotFoundError, match="no img_align_celeba/ folder"):
+        CelebADataModule(str(tmp_path)).setup()
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def cli_fit(config: str, tmp_path, *extra: str):
+    from lightning_mtkd.cli import main
+
+    args = ["fit", "--config", str(CONFIGS / config), "--trainer.fast_dev_run=1"]
+    args.append(f"--trainer.default_root_dir={tmp_path}")
+    return main([*args, *extra])
+
+
+def test_csv_config_fits_one_step(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["id,a,b,c,d,label,score"] + [
+        f"{i},{a:.3f},{b:.3f},{c:.3f},{d:.3f},{['x', 'y', 'z'][i % 3]},{'' if i % 5 == 0 else f'{a * b:.3f}'}"
+        for i, (a, b, c, d) in enumerate(rng.normal(size=(40, 4)))
+    ]
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    table = f"--data.init_args.train={tmp_path / 'table.csv'}"
+    cli = cli_fit("csv/mlp.yaml", tmp_path, table, "--data.init_args.batch_size=8")
+    assert cli.datamodule.num_classes == {"label": 3, "score": 1}
+    assert "train/loss" in cli.trainer.callback_metrics
+
+
+CELEBA_SMALL = ["--data.init_args.crop=null", "--data.init_args.image_size=16", "--data.init_args.num_workers=0",
+                "--data.init_args.batch_size=2"]
+
+
+@pytest.mark.parametrize("name", ["teacher.yaml", "scratch.yaml", "binary.yaml"])
+def test_celeba_training_configs_fit_one_step(name, tmp_path):
+    from lightning_mtkd.data.celeba import CELEBA_ATTRIBUTES
+
+    write_celeba(tmp_path / "celeba", names=CELEBA_ATTRIBUTES)
+    cli = cli_fit(f"celeba/{name}", tmp_path, f"--data.init_args.root={tmp_path / 'celeba'}", *CELEBA_SMALL)
+    assert "train/loss" in cli.trainer.callback_metrics
+
+
+def test_celeba_shared_config_fits_one_step(tmp_path):
+    from lightning_mtkd.data import CelebADataModule
+    from lightning_mtkd.data.celeba import CELEBA_ATTRIBUTES
+    from lightning_mtkd.models import ConvBackbone
+
+    write_celeba(tmp_path / "celeba", names=CELEBA_ATTRIBUTES)
+    dm = CelebADataModule(str(tmp_path / "celeba"), image_size=16, batch_size=2)
+    net = MultiTaskNet(ConvBackbone(in_channels=3, widths=(8, 16), hidden=32), heads={"attributes": 40})
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    trainer.fit(MultiTaskModule(net, dm.tasks()), dm)
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    cli = cli_fit("celeba/shared.yaml", tmp_path, f"--model.init_args.teacher={tmp_path / 'teacher.ckpt'}",
+                  f"--data.init_args.root={tmp_path / 'celeba'}", *CELEBA_SMALL)
+    assert "train/hint" in cli.trainer.callback_metrics

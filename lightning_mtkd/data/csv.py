@@ -194,7 +194,8 @@ class CSVMultiTaskDataModule(MultiTaskDataModule):
                     f"{path!r}: feature {column!r} is missing on data row(s) {[i + 1 for i in holes[:5]]}; "
                     "impute missing features (or list the column in `drop`) before training."
                 )
-            x[:, j] = [_as_float(cell, f"{path!r}, feature {column!r}, data row {i + 1}") for i, cell in enumerate(cells)]
+            where = f"{path!r}, feature {column!r}, data row"
+            x[:, j] = [_as_float(cell, f"{where} {i + 1}") for i, cell in enumerate(cells)]
         if not np.isfinite(x).all():
             raise ValueError(f"{path!r}: features hold inf values; clean them before training.")
         targets: dict[str, torch.Tensor] = {}
@@ -227,6 +228,6 @@ class CSVMultiTaskDataModule(MultiTaskDataModule):
                 start += count
         rows = order[start:]
         if len(rows) == 0:
-            raise ValueError(f"{self.files['train']!r} has {len(x)} rows: none are left for training after holding out.")
+            raise ValueError(f"{self.files['train']!r} has {len(x)} rows: none is left for training; lower the fractions.")
         result["train"] = (x[rows], {k: v[rows] for k, v in y.items()})
         return result
