@@ -228,6 +228,6 @@ class CSVMultiTaskDataModule(MultiTaskDataModule):
                 start += count
         rows = order[start:]
         if len(rows) == 0:
-            raise ValueError(f"{self.files['train']!r} has {len(x)} rows: none is left for training; lower the fractions.")
+            raise ValueError(f"{self.files['train']!r} has {len(x)} rows: none left to train on; lower the fractions.")
         result["train"] = (x[rows], {k: v[rows] for k, v in y.items()})
         return result
