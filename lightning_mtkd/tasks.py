@@ -87,6 +87,18 @@ class Task:
             return ~torch.isnan(target)
         return target != self.missing_value
 
+    def missing_targets(self, count: int, spatial: tuple[int, ...] = ()) -> Tensor:
+        """``count`` missing labels: the targets of samples that carry none for this task.
+
+        Samples of another task's data set get these when per-task batches are merged into one
+        (:func:`lightning_mtkd.data.merge_task_batches`); ``spatial`` is the input's ``(H, W)``,
+        which dense tasks' targets share.
+        """
+        shape: tuple[int, ...] = (count,) if self.kind == "classification" else (count, self.num_classes)
+        dtype = torch.float32 if self.kind == "regression" else torch.long
+        value = self.missing_value if self.kind == "regression" else int(self.missing_value)
+        return torch.full(shape, value, dtype=dtype)
+
     def check_target(self, output: Tensor, target: Tensor) -> None:
         """Raise a clear error if ``target`` cannot be a label for ``output`` (dtype, shape, range).
 

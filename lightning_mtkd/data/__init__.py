@@ -1,10 +1,11 @@
 """DataModules and datasets that feed multi-task batches."""
 
-from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset, collate_batch
+from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset, collate_batch, merge_task_batches
 from lightning_mtkd.data.celeba import CelebADataModule, CelebADataset
 from lightning_mtkd.data.csv import CSVMultiTaskDataModule
 from lightning_mtkd.data.idx import read_idx, read_mnist_split
 from lightning_mtkd.data.multimnist import MultiMNISTDataModule
+from lightning_mtkd.data.per_task import PerTaskDataModule, source_shares
 
 __all__ = [
     "CelebADataModule",
@@ -13,7 +14,10 @@ __all__ = [
     "MultiMNISTDataModule",
     "MultiTaskDataModule",
     "MultiTaskDataset",
+    "PerTaskDataModule",
     "collate_batch",
+    "merge_task_batches",
     "read_idx",
     "read_mnist_split",
+    "source_shares",
 ]
