@@ -57,7 +57,8 @@ def test_merged_batch_is_the_per_task_view():
     assert size.shape == (20, 1) and torch.isnan(size[:16]).all() and not torch.isnan(size[16:]).any()
     # indices are unique over the split: the size source's samples come after the digit source's 100
     assert (merged["index"][:16] < 100).all() and (merged["index"][16:] >= 100).all()
-    torch.testing.assert_close(merged["input"][16:], dm.sources["size"].splits["train"].inputs[merged["index"][16:] - 100])
+    size_inputs = dm.sources["size"].splits["train"].inputs
+    torch.testing.assert_close(merged["input"][16:], size_inputs[merged["index"][16:] - 100])
 
 
 def test_each_task_loss_is_over_its_own_data_set(tmp_path):

@@ -15,12 +15,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from lightning_mtkd.data.base import MultiTaskDataModule, collate_batch
+from lightning_mtkd.data.base import EpochShuffleSampler, MultiTaskDataModule, collate_batch
 
 
 def source_shares(sizes: Mapping[str, int], tau: float) -> dict[str, float]:
@@ -116,7 +114,7 @@ class PerTaskDataModule(MultiTaskDataModule):
         if not (math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {tau}.")
         if batch_size < len(sources):
-            raise ValueError(f"batch_size={batch_size} is smaller than the {len(sources)} sources; each needs a sample.")
+            raise ValueError(f"batch_size={batch_size} is below the {len(sources)} sources; each needs a sample.")
         self.sources = dict(sources)
         self.tau = {"proportional": 1.0, "uniform": 0.0, "temperature": tau}[sampling]
         self.mode = mode
@@ -148,7 +146,7 @@ class PerTaskDataModule(MultiTaskDataModule):
                 wrapped[name] = _OwnTask(dataset, keep, offset)
                 offset += len(dataset)  # type: ignore[arg-type]
             self.source_splits[split] = wrapped
-        self.splits = {split: torch.utils.data.ConcatDataset(list(d.values())) for split, d in self.source_splits.items()}
+        self.splits = {split: ConcatDataset(list(d.values())) for split, d in self.source_splits.items()}
 
     def batch_sizes(self) -> dict[str, int]:
         """Training samples per step from each source."""
@@ -169,8 +167,8 @@ class PerTaskDataModule(MultiTaskDataModule):
             loaders[name] = DataLoader(
                 dataset,
                 batch_size=sizes[name],
-                shuffle=shuffle,
-                generator=torch.Generator().manual_seed(self.seed + offset) if shuffle else None,
+                # a pure function of (seed, epoch), as in MultiTaskDataModule: a resumed run sees the same order
+                sampler=EpochShuffleSampler(len(dataset), self.seed + offset) if shuffle else None,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 collate_fn=collate_batch,
