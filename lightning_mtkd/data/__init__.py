@@ -5,6 +5,7 @@ from lightning_mtkd.data.celeba import CelebADataModule, CelebADataset
 from lightning_mtkd.data.csv import CSVMultiTaskDataModule
 from lightning_mtkd.data.idx import read_idx, read_mnist_split
 from lightning_mtkd.data.multimnist import MultiMNISTDataModule
+from lightning_mtkd.data.nyuv2 import NYUv2DataModule, NYUv2Dataset
 from lightning_mtkd.data.per_task import PerTaskDataModule, source_shares
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "MultiMNISTDataModule",
     "MultiTaskDataModule",
     "MultiTaskDataset",
+    "NYUv2DataModule",
+    "NYUv2Dataset",
     "PerTaskDataModule",
     "collate_batch",
     "merge_task_batches",

@@ -91,8 +91,8 @@ def load_image(path: Path, crop: int | None, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
             if crop is not None:
                 crop = min(crop, image.width, image.height)
                 left, top = (image.width - crop) // 2, (image.height - crop) // 2

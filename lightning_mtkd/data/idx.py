@@ -13,8 +13,14 @@ from pathlib import Path
 import numpy as np
 
 #: IDX dtype codes → numpy dtypes (multi-byte types are big-endian).
-IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 #: File name stems of the MNIST distribution, per split; ``.gz`` is optional, and some mirrors write ``.idx3``.
 MNIST_FILES = {

@@ -133,7 +133,8 @@ class PerTaskDataModule(MultiTaskDataModule):
                 per_split.setdefault(split, {})[name] = dataset
         self.source_splits: dict[str, dict[str, Dataset]] = {}
         for split, datasets in per_split.items():
-            offset, wrapped = 0, {}
+            offset = 0
+            wrapped: dict[str, Dataset] = {}
             for name, dataset in datasets.items():
                 keep = [name] if self.own_task_only else None
                 if keep is not None:
@@ -168,7 +169,7 @@ class PerTaskDataModule(MultiTaskDataModule):
                 dataset,
                 batch_size=sizes[name],
                 # a pure function of (seed, epoch), as in MultiTaskDataModule: a resumed run sees the same order
-                sampler=EpochShuffleSampler(len(dataset), self.seed + offset) if shuffle else None,
+                sampler=EpochShuffleSampler(len(dataset), self.seed + offset) if shuffle else None,  # type: ignore[arg-type]
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 collate_fn=collate_batch,
