@@ -74,6 +74,19 @@ def test_multimnist_composes_from_idx_files(tmp_path, gz):
             np.testing.assert_array_equal(left, images[ids])
 
 
+def test_idx_mirror_spelling(tmp_path):
+    """Some mirrors name the files train-images.idx3-ubyte; they are found too."""
+    from lightning_mtkd.data import read_mnist_split
+
+    images, labels = fake_digits(5, seed=0)
+    (tmp_path / "train-images.idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "train-labels.idx1-ubyte").write_bytes(idx_bytes(labels))
+    read_images, read_labels = read_mnist_split(tmp_path, "train")
+    np.testing.assert_array_equal(read_images, images)
+    assert read_labels.dtype == np.int64 and read_labels.tolist() == labels.tolist()
+    assert read_mnist_split(tmp_path, "t10k") is None
+
+
 def test_idx_pools_are_disjoint_without_t10k(tmp_path):
     images, labels = fake_digits(300, seed=0)
     write_mnist(tmp_path, "train", images, labels, gz=False)
@@ -225,6 +238,9 @@ def test_celeba_binary_tasks_subset_and_crop(tmp_path):
                           batch_size=3)
     dm.setup()
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 3, "val": 2, "test": 1}
+    small = CelebADataModule(str(tmp_path), max_samples=2)
+    small.setup()
+    assert {k: len(v) for k, v in small.splits.items()} == {"train": 2, "val": 2, "test": 1}
     assert [(t.name, t.kind, t.num_classes) for t in dm.tasks()] == [("Smiling", "classification", 2),
                                                                       ("Male", "classification", 2)]
     batch = next(iter(dm.val_dataloader()))

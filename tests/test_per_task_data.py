@@ -47,6 +47,12 @@ def test_batch_shares_follow_size_to_the_tau(sampling, tau, expected):
     assert len(loader) == max(-(-100 // expected["digit"]), -(-25 // expected["size"]))
 
 
+def test_min_size_mode_ends_with_the_shortest_source():
+    loader = two_sources(batch_size=20, sampling="uniform", mode="min_size").train_dataloader()
+    iter(loader)
+    assert len(loader) == 3  # min(ceil(100 / 10), ceil(25 / 10))
+
+
 def test_merged_batch_is_the_per_task_view():
     dm = two_sources(batch_size=20, sampling="proportional")
     batch, _, _ = next(iter(dm.train_dataloader()))
