@@ -211,22 +211,24 @@ class Task:
         Cross-entropy (classification; per pixel for segmentation), binary cross-entropy with logits
         (multilabel), MSE (regression), L1 over valid pixels (depth), ``1 - cos`` over valid pixels (normals).
         """
+        return LF.masked_mean(*self._elementwise_loss(output, target))
+
+    def _elementwise_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, present)`` per label (per sample, label or pixel); missing labels give finite values, masked."""
         target = self._as_output_shape(output, target)
         mask = self.valid_mask(target)
-        if self.kind == "normals":
+        if self.kind == "normals":  # per pixel: a normal counts when its whole vector is present
             mask = self._pixel_mask(target)
-            return LF.cosine_distance_map(output, torch.where(mask.unsqueeze(1), target, 1.0), mask)
+            return LF.cosine_distance(output, torch.where(mask.unsqueeze(1), target, 1.0)), mask
         if self.kind == "depth":
-            return LF.masked_mean((output - torch.where(mask, target, output.detach())).abs(), mask)
+            return (output - torch.where(mask, target, output.detach())).abs(), mask
         if self.kind in ("classification", "segmentation"):
-            per_sample = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
+            per = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
         elif self.kind == "multilabel":
-            per_sample = F.binary_cross_entropy_with_logits(
-                output, target.masked_fill(~mask, 0).float(), reduction="none"
-            )
+            per = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
         else:
-            per_sample = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
-        return LF.masked_mean(per_sample, mask)
+            per = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
+        return per, mask
 
     def distillation_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
         """Soft-target loss between student and teacher outputs of this task (labels not needed)."""
@@ -286,16 +288,9 @@ class Task:
         return output[mask], target[mask]
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(loss, present)``, both ``(B,)``: each sample's supervised loss (mean over its present labels)
-        and whether it has any label. Used to judge teachers per sample (confidence-weighted fusion)."""
-        target = self._as_output_shape(output, target)
-        mask = self.valid_mask(target)
-        if self.kind == "classification":
-            per = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
-        elif self.kind == "multilabel":
-            per = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
-        else:
-            per = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
+        """``(loss, present)``, both ``(B,)``: each sample's supervised loss (mean over its present labels
+        or pixels) and whether it has any label. Used to judge teachers per sample (confidence-weighted fusion)."""
+        per, mask = self._elementwise_loss(output, target)
         batch = output.shape[0]
         per, mask = per.reshape(batch, -1), mask.reshape(batch, -1).to(per.dtype)
         return (per * mask).sum(1) / mask.sum(1).clamp_min(1.0), mask.sum(1) > 0
@@ -303,10 +298,11 @@ class Task:
     def fuse_teacher_outputs(self, outputs: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """One target from ``K`` teachers' outputs ``(K, B, ...)`` with per-sample weights ``(K, B)``.
 
-        A mixture of the soft targets at ``temperature`` for classification and multilabel tasks
-        (returned as logits, ready for :meth:`distillation_loss`), a weighted mean for regression.
+        A mixture of the soft targets at ``temperature`` for classification (per pixel for
+        segmentation) and multilabel tasks (returned as logits, ready for :meth:`distillation_loss`), a
+        weighted mean for regression, depth and normals.
         """
-        if self.kind == "classification":
+        if self.kind in ("classification", "segmentation"):
             return LF.fuse_soft_targets(outputs, weights, temperature)
         if self.kind == "multilabel":
             return LF.fuse_binary_soft_targets(outputs, weights, temperature)

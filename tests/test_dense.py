@@ -251,3 +251,33 @@ def test_segnet_unpooling_matches_max_unpool_and_is_deterministic():
     finally:
         torch.use_deterministic_algorithms(was)
     assert out["depth"].shape == (1, 1, 9, 8)
+
+
+def _strategy(name: str, tasks):
+    from lightning_mtkd import FusionDistiller, TaskSpecificDistiller, TransferDistiller
+
+    heads = {"segmentation": 13, "depth": 1, "normals": 3}
+    student, teacher = SegNet(heads, widths=(4, 8)), SegNet(heads, widths=(8, 16))
+    paths = {"student_feature": "decoder", "teacher_feature": "decoder"}
+    if name == "shared":
+        return SharedDistiller(student, teacher, tasks, **paths)
+    if name == "task_specific":  # one single-task teacher per dense task
+        teachers = {task: SegNet({task: size}, widths=(8, 16)) for task, size in heads.items()}
+        return TaskSpecificDistiller(student, teachers, tasks, **paths)
+    if name == "transfer":  # a small SegNet per task
+        students = {task: SegNet({task: size}, widths=(4, 8)) for task, size in heads.items()}
+        return TransferDistiller(students, teacher, tasks, **paths)
+    return FusionDistiller(student, {"a": teacher, "b": SegNet(heads, widths=(4, 8))}, tasks, fusion="confidence")
+
+
+@pytest.mark.parametrize("name", ["shared", "task_specific", "transfer", "fusion"])
+def test_every_strategy_accepts_dense_tasks(name, tmp_path):
+    write_nyuv2(tmp_path / "nyu")
+    dm = NYUv2DataModule(str(tmp_path / "nyu"), image_size=(8, 8), batch_size=2)
+    torch.manual_seed(0)
+    module = _strategy(name, dm.tasks())
+    trainer = quick_trainer(tmp_path, fast_dev_run=1)
+    trainer.fit(module, dm)
+    metrics = trainer.callback_metrics
+    assert {"train/segmentation/kd", "train/depth/kd", "train/normals/kd"} <= set(metrics), sorted(metrics)
+    assert all(torch.isfinite(v) for k, v in metrics.items() if k.startswith("train/")), metrics

@@ -230,7 +230,15 @@ def cosine_distance_map(prediction: Tensor, target: Tensor, mask: Tensor | None 
     :math:`\Omega` is the set of pixels where ``mask`` (``(B, H, W)``) is true, all pixels if ``None``.
     Between student and teacher maps it is a per-pixel distillation term for normals heads.
     """
-    distance = 1 - F.cosine_similarity(prediction, target, dim=1)
+    distance = cosine_distance(prediction, target)
     if mask is None:
         return distance.mean()
     return masked_mean(distance, mask)
+
+
+def cosine_distance(prediction: Tensor, target: Tensor) -> Tensor:
+    r"""Per-position cosine distance :math:`1 - \cos(\hat n_p, n_p)` over dimension 1: ``(B, C, H, W)`` → ``(B, H, W)``.
+
+    The unreduced form of :func:`cosine_distance_map` (MTAN's normal loss, Liu et al., CVPR 2019).
+    """
+    return 1 - F.cosine_similarity(prediction, target, dim=1)
