@@ -254,7 +254,14 @@ def test_segnet_unpooling_matches_max_unpool_and_is_deterministic():
 
 
 def _strategy(name: str, tasks):
-    from lightning_mtkd import FusionDistiller, TaskSpecificDistiller, TransferDistiller
+    from lightning_mtkd import (
+        AdaptiveDistiller,
+        AttentionDistiller,
+        AttentionPair,
+        FusionDistiller,
+        TaskSpecificDistiller,
+        TransferDistiller,
+    )
 
     heads = {"segmentation": 13, "depth": 1, "normals": 3}
     student, teacher = SegNet(heads, widths=(4, 8)), SegNet(heads, widths=(8, 16))
@@ -267,17 +274,21 @@ def _strategy(name: str, tasks):
     if name == "transfer":  # a small SegNet per task
         students = {task: SegNet({task: size}, widths=(4, 8)) for task, size in heads.items()}
         return TransferDistiller(students, teacher, tasks, **paths)
+    if name == "adaptive":  # KD weights from the teacher-student gap of each task's primary metric
+        return AdaptiveDistiller(student, teacher, tasks, adaptive_temperature=True)
+    if name == "attention":  # attention maps of the full-resolution decoders, matched resolutions
+        return AttentionDistiller(student, teacher, tasks, layers=[AttentionPair("decoder", "decoder")])
     return FusionDistiller(student, {"a": teacher, "b": SegNet(heads, widths=(4, 8))}, tasks, fusion="confidence")
 
 
-@pytest.mark.parametrize("name", ["shared", "task_specific", "transfer", "fusion"])
+@pytest.mark.parametrize("name", ["shared", "task_specific", "transfer", "fusion", "adaptive", "attention"])
 def test_every_strategy_accepts_dense_tasks(name, tmp_path):
     write_nyuv2(tmp_path / "nyu")
     dm = NYUv2DataModule(str(tmp_path / "nyu"), image_size=(8, 8), batch_size=2)
     torch.manual_seed(0)
     module = _strategy(name, dm.tasks())
-    trainer = quick_trainer(tmp_path, fast_dev_run=1)
-    trainer.fit(module, dm)
+    trainer = quick_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(module, dm)  # two epochs: the adaptive weights are updated from the first epoch's gaps
     metrics = trainer.callback_metrics
     assert {"train/segmentation/kd", "train/depth/kd", "train/normals/kd"} <= set(metrics), sorted(metrics)
     assert all(torch.isfinite(v) for k, v in metrics.items() if k.startswith("train/")), metrics
