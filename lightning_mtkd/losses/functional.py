@@ -217,3 +217,28 @@ def attention_probability_loss(student: Tensor, teacher: Tensor, loss: Attention
         kl = torch.special.xlogy(teacher, teacher) - teacher * torch.log(student.clamp_min(1e-12))
         return kl.sum(dim=-1).mean()
     raise ValueError(f"unknown attention loss {loss!r}; use 'kl' or 'mse'.")
+
+
+def cosine_distance_map(prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    r"""Mean cosine distance between vector fields ``(B, C, H, W)`` (surface normals), over valid pixels.
+
+    .. math::
+        \mathcal{L} = \frac{1}{|\Omega|}\sum_{p \in \Omega} 1 - \frac{\hat n_p \cdot n_p}{\|\hat n_p\|\,\|n_p\|}
+
+    the normal loss of MTAN (Liu, Johns & Davison, *End-to-End Multi-Task Learning with Attention*,
+    CVPR 2019), which normalises the prediction and takes the dot product with the unit ground truth;
+    :math:`\Omega` is the set of pixels where ``mask`` (``(B, H, W)``) is true, all pixels if ``None``.
+    Between student and teacher maps it is a per-pixel distillation term for normals heads.
+    """
+    distance = cosine_distance(prediction, target)
+    if mask is None:
+        return distance.mean()
+    return masked_mean(distance, mask)
+
+
+def cosine_distance(prediction: Tensor, target: Tensor) -> Tensor:
+    r"""Per-position cosine distance :math:`1 - \cos(\hat n_p, n_p)` over dimension 1: ``(B, C, H, W)`` → ``(B, H, W)``.
+
+    The unreduced form of :func:`cosine_distance_map` (MTAN's normal loss, Liu et al., CVPR 2019).
+    """
+    return 1 - F.cosine_similarity(prediction, target, dim=1)

@@ -2,6 +2,7 @@
 
 from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.backbones import ConvBackbone, MLPBackbone, count_parameters
+from lightning_mtkd.models.dense import SegNet
 from lightning_mtkd.models.hooks import FeatureTap, request_attention_weights, resolve_module
 from lightning_mtkd.models.multitask import MultiTaskNet
 from lightning_mtkd.models.students import TaskStudents
@@ -15,6 +16,7 @@ __all__ = [
     "MultiTaskNet",
     "PatchTransformerBackbone",
     "TaskStudents",
+    "SegNet",
     "count_parameters",
     "request_attention_weights",
     "resolve_module",

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from lightning_mtkd.config import build_module, class_path, hparams_from_locals
+from lightning_mtkd.data.base import merge_task_batches
 from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.hooks import FeatureTap
 from lightning_mtkd.tasks import Task, as_tasks
@@ -187,6 +188,7 @@ class MultiTaskModule(L.LightningModule):
     # ------------------------------------------------------------------------------ the shared step
     def shared_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Tensor]:
         """One step for any stage; returns ``{"loss": total, **named terms}``."""
+        batch = merge_task_batches(batch, self.tasks)  # one data set per task: a CombinedLoader's dict of batches
         inputs, targets = self._unpack(batch)
         teachers = self.teacher_forward(batch)
         student = self.student_forward(inputs)
@@ -579,7 +581,9 @@ class DistillationModule(MultiTaskModule):
                     "adaptors are sized from a dry run on an example input: use a LightningDataModule, or set "
                     "`module.example_input_array` to a batch of inputs before fitting."
                 )
-            example = next(iter(datamodule.train_dataloader()))["input"]
+            batch = next(iter(datamodule.train_dataloader()))
+            batch = batch[0] if isinstance(batch, tuple) else batch  # a CombinedLoader yields (batch, idx, loader)
+            example = merge_task_batches(batch, self.tasks)["input"]
         device = next(self.model.parameters()).device
         return example[:2].to(device)
 
