@@ -478,8 +478,20 @@ class DistillationModule(MultiTaskModule):
         tap = self._teacher_taps.get(name)
         return tap.pop() if tap is not None else {}
 
+    #: Strategies that distil every task from one multi-task teacher (named ``TEACHER``) set this.
+    requires_multitask_teacher: bool = False
+
     def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
-        """Every task must be output by at least one teacher, with the student's output shape."""
+        """Every task must be output by at least one teacher (by *the* teacher if one multi-task teacher is needed)."""
+        if self.requires_multitask_teacher:
+            produced = list(teachers[TEACHER].outputs)
+            missing = [name for name in self.tasks if name not in produced]
+            if missing:
+                raise KeyError(
+                    f"the teacher outputs no {missing} (it outputs {produced}). {type(self).__name__} needs a "
+                    "multi-task teacher trained on every task in `tasks`."
+                )
+            return
         for name in self.tasks:
             if self.teacher_for_task(teachers, name) is None:
                 produced = {teacher: list(out.outputs) for teacher, out in teachers.items()}

@@ -62,6 +62,8 @@ class SharedDistiller(DistillationModule):
             alpha: 0.5
     """
 
+    requires_multitask_teacher = True
+
     def __init__(
         self,
         student: nn.Module,
@@ -94,14 +96,6 @@ class SharedDistiller(DistillationModule):
             return {}
         assert self.student_feature is not None and self.teacher_feature is not None
         return {"hint": (self.student_feature, TEACHER, self.teacher_feature)}
-
-    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
-        missing = [name for name in self.tasks if name not in teachers[TEACHER].outputs]
-        if missing:
-            raise KeyError(
-                f"the teacher outputs no {missing} (it outputs {list(teachers[TEACHER].outputs)}). SharedDistiller "
-                "needs a multi-task teacher trained on every task in `tasks`."
-            )
 
     def distillation_loss(
         self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]

@@ -73,6 +73,8 @@ class TransferDistiller(DistillationModule):
             tasks: [{name: left, num_classes: 10}, {name: right, num_classes: 10}]
     """
 
+    requires_multitask_teacher = True
+
     def __init__(
         self,
         student: dict[str, nn.Module],
@@ -124,14 +126,6 @@ class TransferDistiller(DistillationModule):
         if self.hint_weight == 0:
             return {}
         return {name: (f"{name}.{self.student_feature}", TEACHER, str(self.teacher_feature)) for name in self.students}
-
-    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
-        missing = [name for name in self.tasks if name not in teachers[TEACHER].outputs]
-        if missing:
-            raise KeyError(
-                f"the teacher outputs no {missing} (it outputs {list(teachers[TEACHER].outputs)}). TransferDistiller "
-                "needs a multi-task teacher trained on every task in `tasks`."
-            )
 
     def distillation_loss(
         self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
