@@ -638,6 +638,14 @@ class DistillationModule(MultiTaskModule):
                 self.log_dict(metrics[name], on_step=False, on_epoch=True)
 
 
+def check_hint(hint_weight: float, student_feature: str | None, teacher_feature: str | None) -> None:
+    """Validate a strategy's feature-hint settings (shared by the strategies that have a hint term)."""
+    if hint_weight < 0:
+        raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
+    if hint_weight > 0 and not (student_feature and teacher_feature):
+        raise ValueError("the hint needs `student_feature` and `teacher_feature` paths (or set hint_weight=0).")
+
+
 def teacher_config(teacher: Any) -> Any:
     """A teacher as stored in hyper-parameters: checkpoint paths kept, modules dropped.
 

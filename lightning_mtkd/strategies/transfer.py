@@ -19,6 +19,7 @@ from lightning_mtkd.strategies.base import (
     ModelOutputs,
     MultiTaskModule,
     _save_config_hparams,
+    check_hint,
     teacher_config,
 )
 from lightning_mtkd.tasks import Task, as_tasks
@@ -101,10 +102,7 @@ class TransferDistiller(DistillationModule):
         students = TaskStudents(student, groups)
         super().__init__(students, teacher, tasks, temperature, alpha, adaptor_lr, weighting, optimizer, scheduler)
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
-        if hint_weight < 0:
-            raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
-        if hint_weight > 0 and not (student_feature and teacher_feature):
-            raise ValueError("the hint needs `student_feature` and `teacher_feature` paths (or set hint_weight=0).")
+        check_hint(hint_weight, student_feature, teacher_feature)
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
