@@ -204,12 +204,15 @@ class FusionDistiller(DistillationModule):
                 width = sum(teachers[t].outputs[name][0].numel() for t in names)
                 self.gates[name] = _zero_gate(width, len(names)).to(example.device)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        for key, value in checkpoint.get("state_dict", {}).items():
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # Gates are sized by a dry run when fitting; a state dict alone rebuilds any not built yet. Here, not in
+        # on_load_checkpoint: ddp_spawn hands the trained weights back to the main process through a non-strict
+        # load_state_dict, which would otherwise drop the learned gates without a word.
+        for key, value in state_dict.items():
             task = key[len("gates.") : -len(".weight")]
             if key.startswith("gates.") and key.endswith(".weight") and task not in self.gates:
-                self.gates[task] = _zero_gate(value.shape[1], value.shape[0])
+                self.gates[task] = _zero_gate(value.shape[1], value.shape[0]).to(value.device)
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups = super().param_groups()
