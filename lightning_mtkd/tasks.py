@@ -204,6 +204,30 @@ class Task:
         """Normals: a pixel counts only when its whole vector is present, ``(B, H, W)``."""
         return self.valid_mask(target).all(dim=1)
 
+    def pseudo_label(self, teacher_output: Tensor) -> Tensor:
+        """The label a teacher's output stands for, shaped like this task's outputs.
+
+        The class of highest logit for classification (per pixel for segmentation, classes on
+        dimension 1); ``sigmoid(z) > 0.5`` — that is ``z > 0`` — per label for multilabel (as 0/1);
+        the output itself for regression, depth and normals. Used by ``pseudo_label_missing``
+        (:meth:`fill_missing`).
+        """
+        if self.kind in ("classification", "segmentation"):
+            return teacher_output.argmax(dim=1)
+        if self.kind == "multilabel":
+            return (teacher_output > 0).long()  # sigmoid(z) > 0.5 without computing the sigmoid
+        return teacher_output
+
+    def fill_missing(self, target: Tensor, teacher_output: Tensor) -> Tensor:
+        """``target`` with every missing entry replaced by the teacher's :meth:`pseudo_label`; present ones kept.
+
+        Vectorised (one ``torch.where``, no host sync). A normal is replaced as a whole vector when any of
+        its components is missing; a dense target may come without its channel dimension (depth).
+        """
+        pseudo = self.pseudo_label(teacher_output.detach()).reshape(target.shape).to(target.dtype)
+        present = self._pixel_mask(target).unsqueeze(1) if self.kind == "normals" else self.valid_mask(target)
+        return torch.where(present, target, pseudo)
+
     # ----------------------------------------------------------------------------------- losses
     def supervised_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean loss over the present labels; exactly 0 (not NaN) when every label is missing.
@@ -247,8 +271,12 @@ class Task:
     def primary_metric(self) -> str:
         """Name of the metric that summarises the task (reports, adaptive weights)."""
         return {
-            "classification": "acc", "multilabel": "f1", "regression": "mae",
-            "segmentation": "miou", "depth": "abs_err", "normals": "mean_angle",
+            "classification": "acc",
+            "multilabel": "f1",
+            "regression": "mae",
+            "segmentation": "miou",
+            "depth": "abs_err",
+            "normals": "mean_angle",
         }[self.kind]
 
     @property

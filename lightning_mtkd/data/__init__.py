@@ -1,6 +1,12 @@
 """DataModules and datasets that feed multi-task batches."""
 
-from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset, collate_batch, merge_task_batches
+from lightning_mtkd.data.base import (
+    MultiTaskDataModule,
+    MultiTaskDataset,
+    collate_batch,
+    hide_labels,
+    merge_task_batches,
+)
 from lightning_mtkd.data.celeba import CelebADataModule, CelebADataset
 from lightning_mtkd.data.csv import CSVMultiTaskDataModule
 from lightning_mtkd.data.idx import read_idx, read_mnist_split
@@ -19,6 +25,7 @@ __all__ = [
     "NYUv2Dataset",
     "PerTaskDataModule",
     "collate_batch",
+    "hide_labels",
     "merge_task_batches",
     "read_idx",
     "read_mnist_split",

@@ -149,6 +149,41 @@ def _default_missing(template: Tensor) -> float:
     return math.nan if template.is_floating_point() else IGNORE_INDEX
 
 
+def hide_labels(dataset: Dataset, fractions: Mapping[str, float], seed: int = 0) -> MultiTaskDataset:
+    """A copy of ``dataset`` in which ``round(fraction · N)`` labels of each named task are missing.
+
+    The hidden samples are the first ones of a permutation drawn from ``seed`` (and the task's position in
+    ``fractions``, so two tasks hide independent subsets); a missing label is ``-100`` for integer targets
+    and ``NaN`` for real-valued ones, the default ignore values. One indexed write per task: no loop over
+    samples. The input tensors are shared, the dataset passed in is left untouched.
+
+    Example:
+        >>> ds = MultiTaskDataset(torch.zeros(4, 2), {"a": torch.arange(4), "b": torch.ones(4)})
+        >>> hidden = hide_labels(ds, {"a": 0.5, "b": 0.25})
+        >>> int((hidden.targets["a"] == -100).sum()), int(hidden.targets["b"].isnan().sum()), ds.targets["a"].tolist()
+        (2, 1, [0, 1, 2, 3])
+    """
+    if not isinstance(dataset, MultiTaskDataset):
+        raise TypeError(
+            f"hide_labels needs the train split as an in-memory MultiTaskDataset, got {type(dataset).__name__}; "
+            "hide labels in your dataset itself (set them to the task's ignore value), or drop hide_labels."
+        )
+    unknown = [task for task in fractions if task not in dataset.targets]
+    if unknown:
+        raise KeyError(f"hide_labels names task(s) {unknown}, but the data has targets for {list(dataset.targets)}.")
+    targets = dict(dataset.targets)
+    for position, (task, fraction) in enumerate(fractions.items()):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"hide_labels[{task!r}] = {fraction}: the fraction to hide must lie in [0, 1].")
+        count = round(fraction * len(dataset))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + position)
+        hidden = torch.randperm(len(dataset), generator=generator)[:count]
+        target = targets[task].clone()
+        target[hidden] = _default_missing(target)
+        targets[task] = target
+    return MultiTaskDataset(dataset.inputs, targets)
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Loaders over train / val / test multi-task datasets.
 
@@ -159,7 +194,17 @@ class MultiTaskDataModule(L.LightningDataModule):
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes (0 keeps in-memory data in the main process, the fastest here).
         pin_memory: Pin host memory; ``None`` pins when CUDA is available.
-        seed: Seed of the training shuffle (and of any random split a subclass makes).
+        seed: Seed of the training shuffle (and of any random split a subclass makes, and of ``hide_labels``).
+        hide_labels: ``{task: fraction}``: hide that fraction of the task's *training* labels, to study
+            partial labels (e.g. with ``pseudo_label_missing``). A seeded random subset of
+            ``round(fraction · N)`` training samples gets the missing label (see :func:`hide_labels`);
+            validation and test keep every label. Needs an in-memory train split (:class:`MultiTaskDataset`).
+
+    YAML::
+
+        data:
+          class_path: lightning_mtkd.data.MultiMNISTDataModule
+          init_args: {hide_labels: {right: 0.5}}
     """
 
     def __init__(
@@ -171,10 +216,17 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
+        hide_labels: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        for task, fraction in (hide_labels or {}).items():
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(
+                    f"hide_labels[{task!r}] = {fraction}: the fraction of training labels to hide must lie in [0, 1]."
+                )
+        self.hide_labels = dict(hide_labels or {})
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -190,6 +242,9 @@ class MultiTaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = self.build_splits()
+        if self.hide_labels and "train" in self.splits:
+            # Idempotent (the same seeded subset each time), so a second setup() changes nothing.
+            self.splits["train"] = hide_labels(self.splits["train"], self.hide_labels, self.seed)
         for name, split in self.splits.items():
             if len(split) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"the {name!r} split is empty; give it at least one sample.")

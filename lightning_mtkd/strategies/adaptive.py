@@ -108,8 +108,11 @@ class AdaptiveDistiller(DistillationModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        pseudo_label_missing: bool = False,
     ) -> None:
-        super().__init__(student, teacher, tasks, temperature, alpha, None, weighting, optimizer, scheduler)
+        super().__init__(
+            student, teacher, tasks, temperature, alpha, None, weighting, optimizer, scheduler, pseudo_label_missing
+        )
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
         if min_weight < 0 or max_weight < 0:
             raise ValueError(f"KD weight bounds must be >= 0, got min_weight={min_weight}, max_weight={max_weight}.")

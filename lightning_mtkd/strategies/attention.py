@@ -102,8 +102,11 @@ class AttentionDistiller(DistillationModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        pseudo_label_missing: bool = False,
     ) -> None:
-        super().__init__(student, teacher, tasks, temperature, alpha, None, weighting, optimizer, scheduler)
+        super().__init__(
+            student, teacher, tasks, temperature, alpha, None, weighting, optimizer, scheduler, pseudo_label_missing
+        )
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
         pairs = [pair if isinstance(pair, AttentionPair) else AttentionPair(**pair) for pair in layers]
         if not pairs:

@@ -10,7 +10,8 @@ The shared step, in order:
    so the allocator reuses the teacher's freed activations (~15% faster on CPU, see
    ``shared/MEASUREMENTS.md``);
 2. student outputs and hooked features;
-3. per-task supervised losses, masked for missing labels;
+3. per-task supervised losses, masked for missing labels (or, with ``pseudo_label_missing``, with the
+   teacher's prediction standing in for them while training);
 4. ``distillation_loss(...)`` → named terms (``"kd/left"``, ``"hint"``);
 5. the weighting plug-in turns them into the total;
 6. torchmetrics per stage and task, logged as ``stage/task/metric``.
@@ -196,8 +197,10 @@ class MultiTaskModule(L.LightningModule):
             self._check_batch(student, teachers, targets)
             self._checked_stages.add(stage)
 
+        # Losses may train on stand-ins for missing labels (pseudo-labels); metrics always use the real labels.
+        supervised = self.supervision_targets(stage, targets, teachers)
         task_losses = {
-            name: task.supervised_loss(student.outputs[name], targets[name]) for name, task in self.tasks.items()
+            name: task.supervised_loss(student.outputs[name], supervised[name]) for name, task in self.tasks.items()
         }
         distill_terms = self.distillation_loss(student, teachers, batch) if teachers else {}
         loss = self.weighting.combine(task_losses, distill_terms, self.distillation_alpha if teachers else 0.0)
@@ -219,6 +222,12 @@ class MultiTaskModule(L.LightningModule):
         return {}
 
     distillation_alpha: float = 0.0
+
+    def supervision_targets(
+        self, stage: str, targets: Mapping[str, Tensor], teachers: Mapping[str, ModelOutputs]
+    ) -> Mapping[str, Tensor]:
+        """The targets the supervised losses train on (default: the labels as they are)."""
+        return targets
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         return self.shared_step(batch, "train")
@@ -355,6 +364,10 @@ class DistillationModule(MultiTaskModule):
         weighting: Task-weighting plug-in.
         optimizer: Optimizer factory, called with the parameter groups.
         scheduler: Optional LR-scheduler factory.
+        pseudo_label_missing: While training, let the teacher's prediction (``Task.pseudo_label``: its
+            argmax, ``sigmoid > 0.5``, or its value) stand in for each missing label in the supervised
+            losses, so unlabelled samples also get a hard target. Metrics keep the real labels only;
+            evaluation is unchanged. Every strategy accepts it.
     """
 
     def __init__(
@@ -368,10 +381,11 @@ class DistillationModule(MultiTaskModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        pseudo_label_missing: bool = False,
     ) -> None:
         super().__init__(student, tasks, weighting, optimizer, scheduler)
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
-        self._init_distillation(teacher, temperature, alpha, adaptor_lr)
+        self._init_distillation(teacher, temperature, alpha, adaptor_lr, pseudo_label_missing)
 
     def _init_distillation(
         self,
@@ -379,6 +393,7 @@ class DistillationModule(MultiTaskModule):
         temperature: float,
         alpha: float,
         adaptor_lr: float | None,
+        pseudo_label_missing: bool = False,
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (soft targets are softmax(z / T)), got {temperature}.")
@@ -386,8 +401,11 @@ class DistillationModule(MultiTaskModule):
             raise ValueError(f"alpha must lie in [0, 1] (the share of the distillation terms), got {alpha}.")
         if adaptor_lr is not None and adaptor_lr <= 0:
             raise ValueError(f"adaptor_lr must be > 0, got {adaptor_lr}.")
+        if not isinstance(pseudo_label_missing, bool):
+            raise TypeError(f"pseudo_label_missing must be True or False, got {pseudo_label_missing!r}.")
         self.temperature = float(temperature)
         self.distillation_alpha = float(alpha)
+        self.pseudo_label_missing = pseudo_label_missing
         self.adaptor_lr = adaptor_lr
         if isinstance(teacher, dict) and not teacher:
             raise ValueError("no teacher given: pass `teacher=` (a module, a checkpoint path, or a dict of them).")
@@ -505,6 +523,28 @@ class DistillationModule(MultiTaskModule):
         if task in teachers and task in teachers[task].outputs:
             return teachers[task]
         return next((out for out in teachers.values() if task in out.outputs), None)
+
+    def supervision_targets(
+        self, stage: str, targets: Mapping[str, Tensor], teachers: Mapping[str, ModelOutputs]
+    ) -> Mapping[str, Tensor]:
+        r"""With ``pseudo_label_missing``, while training: each task's missing labels replaced by its teacher's
+        pseudo-label (:meth:`Task.fill_missing`), so the supervised loss of task :math:`t` is
+
+        .. math::
+            \mathcal{L}^{sup}_t = \frac{1}{B}\sum_b \ell\big(z^s_{tb},\ y_{tb}\ \text{if present, else}\
+            \hat y(z^{\tau(t)}_{tb})\big)
+
+        with :math:`\tau(t)` the task's teacher (:meth:`teacher_for_task`). Without the flag, outside
+        training, or without teachers (a student evaluated alone) the labels are returned unchanged.
+        """
+        if not (self.pseudo_label_missing and stage == "train" and teachers):
+            return targets
+        filled = dict(targets)
+        for name, task in self.tasks.items():
+            teacher = self.teacher_for_task(teachers, name)
+            if teacher is not None:
+                filled[name] = task.fill_missing(targets[name], teacher.outputs[name])
+        return filled
 
     # ------------------------------------------------------------------------------ the strategy hooks
     def distillation_loss(

@@ -87,8 +87,20 @@ class FusionDistiller(DistillationModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        pseudo_label_missing: bool = False,
     ) -> None:
-        super().__init__(student, teacher, tasks, temperature, alpha, adaptor_lr, weighting, optimizer, scheduler)
+        super().__init__(
+            student,
+            teacher,
+            tasks,
+            temperature,
+            alpha,
+            adaptor_lr,
+            weighting,
+            optimizer,
+            scheduler,
+            pseudo_label_missing,
+        )
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
         if fusion not in ("mean", "weights", "confidence", "learned"):
             raise ValueError(f"unknown fusion {fusion!r}; use 'mean', 'weights', 'confidence' or 'learned'.")

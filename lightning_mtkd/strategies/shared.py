@@ -80,8 +80,20 @@ class SharedDistiller(DistillationModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        pseudo_label_missing: bool = False,
     ) -> None:
-        super().__init__(student, teacher, tasks, temperature, alpha, adaptor_lr, weighting, optimizer, scheduler)
+        super().__init__(
+            student,
+            teacher,
+            tasks,
+            temperature,
+            alpha,
+            adaptor_lr,
+            weighting,
+            optimizer,
+            scheduler,
+            pseudo_label_missing,
+        )
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
         check_hint(hint_weight, student_feature, teacher_feature)
         self.student_feature = student_feature

@@ -92,6 +92,7 @@ class TransferDistiller(DistillationModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        pseudo_label_missing: bool = False,
     ) -> None:
         if isinstance(student, nn.Module) or not isinstance(student, Mapping) or not student:
             raise TypeError(
@@ -100,7 +101,18 @@ class TransferDistiller(DistillationModule):
             )
         _check_students(list(as_tasks(tasks)), list(student), groups or {})
         students = TaskStudents(student, groups)
-        super().__init__(students, teacher, tasks, temperature, alpha, adaptor_lr, weighting, optimizer, scheduler)
+        super().__init__(
+            students,
+            teacher,
+            tasks,
+            temperature,
+            alpha,
+            adaptor_lr,
+            weighting,
+            optimizer,
+            scheduler,
+            pseudo_label_missing,
+        )
         _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
         check_hint(hint_weight, student_feature, teacher_feature)
         self.student_feature = student_feature
