@@ -47,3 +47,18 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path):
         "teacher_left",
         "teacher_right",
     ]
+
+
+def test_pseudo_label_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    pseudo_labels = load("pseudo_labels")
+    argv = ["--seeds", "1", "2", "--epochs", "1", "--num-train", "64", "--root", str(tmp_path / "cache")]
+    out = pseudo_labels.main([*argv, "--out", str(tmp_path)])
+    assert set(out["rows"]) == set(pseudo_labels.ROWS)
+    for row in pseudo_labels.ROWS:
+        assert set(out["rows"][row]) == {1, 2}
+        assert all(0 <= acc <= 100 for seed in (1, 2) for acc in out["rows"][row][seed].values())
+    table = (tmp_path / "pseudo_labels.md").read_text()
+    assert "| mean ± std |" in table and "right (pseudo-labels)" in table and "Pseudo-labels (the teacher" in table
+    assert 0 <= out["pseudo_label_accuracy"] <= 100
+    # One teacher, trained once on the partially labelled data for both rows and seeds.
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.ckpt")] == ["teacher_partial"]
