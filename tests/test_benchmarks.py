@@ -15,10 +15,14 @@ def load(name):
     return module
 
 
-def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path):
-    quality = load("quality")
+def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
+    # Imported by name from sys.path (not from a file location) so that its worker processes can import it too.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    quality = importlib.import_module("quality")
     out = quality.main(
         [
+            "--workers",
+            "2",
             "--seeds",
             "1",
             "--epochs",
