@@ -129,8 +129,13 @@ def latency_ms(model: torch.nn.Module, example: torch.Tensor, repeats: int = 200
     return 1000 * statistics.median(times)
 
 
-def train_teacher(name: str, config: dict[str, Any], root: str) -> str:
-    """Train (or reuse) one teacher; ``name`` is ``"multitask"`` or a task name (a single-task teacher)."""
+def train_teacher(name: str, config: dict[str, Any], root: str, threads: int | None = None) -> str:
+    """Train (or reuse) one teacher; ``name`` is ``"multitask"`` or a task name (a single-task teacher).
+
+    ``threads``: intra-op threads for this job (a teacher left to run alone gets every core).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
     dm = demo_datamodule(config)
     if name == "multitask":
         return multitask_teacher(config, dm, root, False)
@@ -173,7 +178,12 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, wo
     started = time.perf_counter()
     os.makedirs(root, exist_ok=True)
     names = ["multitask", *[t.name for t in TASKS]]
-    paths = _map(train_teacher, [(name, config, root) for name in names], workers)
+    # Teachers that do not divide evenly among the workers run last and alone: give them all the cores.
+    alone = len(names) % workers if workers > 1 else 0
+    threads: list[int | None] = [1] * (len(names) - alone) + [(os.cpu_count() or 1) // alone or 1] * alone
+    if workers <= 1:
+        threads = [None] * len(names)  # in-process: leave this process's threads as they are
+    paths = _map(train_teacher, [(name, config, root, n) for name, n in zip(names, threads, strict=True)], workers)
     teachers = Teachers(paths[0], dict(zip(names[1:], paths[1:], strict=True)))
     teachers_seconds = time.perf_counter() - started
 
@@ -304,7 +314,7 @@ def chart(summary: list[dict[str, Any]], path: str) -> None:
     ax.set_ylim(max(0.0, min(lows) - 3), 100)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("MultiMNIST: students by strategy (mean ± std over seeds)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncols=len(tasks))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
