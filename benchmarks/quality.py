@@ -180,7 +180,7 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, wo
     names = ["multitask", *[t.name for t in TASKS]]
     # Teachers that do not divide evenly among the workers run last and alone: give them all the cores.
     alone = len(names) % workers if workers > 1 else 0
-    threads: list[int | None] = [1] * (len(names) - alone) + [(os.cpu_count() or 1) // alone or 1] * alone
+    threads: list[int | None] = [1] * (len(names) - alone) + [max(1, (os.cpu_count() or 1) // max(alone, 1))] * alone
     if workers <= 1:
         threads = [None] * len(names)  # in-process: leave this process's threads as they are
     paths = _map(train_teacher, [(name, config, root, n) for name, n in zip(names, threads, strict=True)], workers)
