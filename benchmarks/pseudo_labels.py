@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, help="student and teacher epochs (default: the demo's, 20)")
     parser.add_argument("--num-train", type=int, help="training composites (default: the demo's, 5000)")
+    parser.add_argument("--alpha", type=float, help="distillation share α of both students (default: the demo's)")
     parser.add_argument("--root", default=".cache/pseudo_labels", help="the teacher checkpoint is reused from here")
     parser.add_argument("--out", default="benchmarks/results", help="where pseudo_labels.md goes")
     args = parser.parse_args(argv)
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config["teacher"]["epochs"] = config["student"]["epochs"] = args.epochs
     if args.num_train:
         config["data"]["num_train"] = args.num_train
+    if args.alpha is not None:
+        config["distill"]["alpha"] = args.alpha
     result = run(config, args.seeds, args.root)
     text = table(result)
     print(text)
