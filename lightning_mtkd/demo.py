@@ -39,7 +39,7 @@ TASKS = [Task("left", num_classes=10), Task("right", num_classes=10)]
 
 #: Small data (5,000 composites from 1,000 digits): the regime where a student overfits without a teacher
 #: (shared/MEASUREMENTS.md). Why these numbers (seed sweeps, README "Does distillation pay?"):
-#: - the teacher has three conv stages (96.1 / 94.9 %): with two (94.7 / 93.0 %) the 19K student came
+#: - the teacher has three conv stages (95.7–96.1 / 94.1–94.9 %): with two (94.7 / 93.0 %) the 19K student came
 #:   within a point of it and soft targets had nothing left to teach;
 #: - students train at lr 3e-3, which brings the scratch student to its overfitting point inside the
 #:   20-epoch budget (at 1e-3 it was still improving, and soft targets only slowed it);
