@@ -174,15 +174,24 @@ def _map(function: Callable[..., Any], jobs: list[tuple[Any, ...]], workers: int
         return list(pool.map(function, *zip(*jobs, strict=True)))
 
 
+def teacher_threads(count: int, workers: int) -> list[int | None]:
+    """Intra-op threads for each of ``count`` teacher jobs on ``workers`` processes.
+
+    One each, except the jobs left over when ``count`` does not divide among the workers: they run last,
+    alone, and share every core. ``None`` (leave the threads as they are) when running in-process.
+    """
+    if workers <= 1:
+        return [None] * count
+    alone = count % workers
+    cores = os.cpu_count() or 1
+    return [1] * (count - alone) + [max(1, cores // alone) for _ in range(alone)]
+
+
 def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, workers: int = 1) -> dict[str, Any]:
     started = time.perf_counter()
     os.makedirs(root, exist_ok=True)
     names = ["multitask", *[t.name for t in TASKS]]
-    # Teachers that do not divide evenly among the workers run last and alone: give them all the cores.
-    alone = len(names) % workers if workers > 1 else 0
-    threads: list[int | None] = [1] * (len(names) - alone) + [max(1, (os.cpu_count() or 1) // max(alone, 1))] * alone
-    if workers <= 1:
-        threads = [None] * len(names)  # in-process: leave this process's threads as they are
+    threads = teacher_threads(len(names), workers)
     paths = _map(train_teacher, [(name, config, root, n) for name, n in zip(names, threads, strict=True)], workers)
     teachers = Teachers(paths[0], dict(zip(names[1:], paths[1:], strict=True)))
     teachers_seconds = time.perf_counter() - started

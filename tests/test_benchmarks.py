@@ -53,6 +53,39 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
     ]
 
 
+def test_quality_compares_each_row_with_its_own_scratch_baseline():
+    quality = load("quality")
+    rows = {
+        "teacher": {"acc": {"left": [0.96], "right": [0.94]}},
+        "scratch": {"acc": {"left": [0.90, 0.92], "right": [0.90, 0.92]}},
+        "scratch-per-task": {"acc": {"left": [0.80, 0.80], "right": [0.80, 0.80]}},
+        "shared": {"acc": {"left": [0.93, 0.93], "right": [0.93, 0.93]}},
+        "transfer": {"acc": {"left": [0.85, 0.85], "right": [0.85, 0.85]}},
+    }
+    for row in rows.values():
+        row.update(params=1, latency_ms=0.1)
+    summary = {entry["row"]: entry for entry in quality.summarise({"rows": rows})}
+
+    assert "gap_closed" not in summary["scratch"] and "gap_closed" not in summary["scratch-per-task"]
+    shared, transfer = summary["shared"], summary["transfer"]
+    assert shared["baseline"] == "scratch" and transfer["baseline"] == "scratch-per-task"
+    # Gap closed against the row's baseline: (0.93 − 0.91) / (0.95 − 0.91) and (0.85 − 0.80) / (0.95 − 0.80).
+    assert abs(shared["gap_closed"] - 0.5) < 1e-9 and abs(transfer["gap_closed"] - 1 / 3) < 1e-9
+    assert abs(transfer["delta_m"] - 100 * 0.05 / 0.80) < 1e-9
+    # Beats it only by more than either row's seed std (the scratch std is 0.0141).
+    assert shared["beats_scratch"] and transfer["beats_scratch"]
+    rows["shared"]["acc"] = {"left": [0.915, 0.915], "right": [0.915, 0.915]}
+    assert not {e["row"]: e for e in quality.summarise({"rows": rows})}["shared"]["beats_scratch"]
+
+
+def test_a_teacher_left_to_train_alone_gets_every_core(monkeypatch):
+    quality = load("quality")
+    monkeypatch.setattr(quality.os, "cpu_count", lambda: 4)
+    assert quality.teacher_threads(3, 2) == [1, 1, 4]
+    assert quality.teacher_threads(4, 2) == [1, 1, 1, 1]
+    assert quality.teacher_threads(3, 1) == [None, None, None]
+
+
 def test_pseudo_label_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path):
     pseudo_labels = load("pseudo_labels")
     argv = ["--seeds", "1", "2", "--epochs", "1", "--num-train", "64", "--root", str(tmp_path / "cache")]
