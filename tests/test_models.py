@@ -61,3 +61,22 @@ def test_models_round_trip_through_their_config():
 def test_multitasknet_needs_a_width():
     with pytest.raises(ValueError, match="out_features"):
         MultiTaskNet(nn.Identity(), {"a": 2})
+
+
+def test_conv_backbone_channels_last_changes_speed_not_results():
+    """NHWC weights give the NCHW net's outputs and gradients, and keep their layout through a state-dict load
+    (a checkpoint written by either layout) and a device move."""
+    torch.manual_seed(0)
+    nchw = MultiTaskNet(ConvBackbone(widths=(4, 8), hidden=16, channels_last=False), {"a": 3})
+    nhwc = MultiTaskNet(ConvBackbone(widths=(4, 8), hidden=16, channels_last=True), {"a": 3})
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.to("cpu")
+    conv = nhwc.backbone.features[4].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert nchw.backbone.features[4].weight.is_contiguous()
+    x = torch.randn(3, 1, 20, 20)
+    torch.testing.assert_close(nhwc(x)["a"], nchw(x)["a"])
+    nhwc(x)["a"].sum().backward(), nchw(x)["a"].sum().backward()
+    torch.testing.assert_close(nhwc.backbone.features[0].weight.grad, nchw.backbone.features[0].weight.grad)
+    nchw.load_state_dict(nhwc.state_dict())  # and back
+    torch.testing.assert_close(nchw(x)["a"], nhwc(x)["a"])

@@ -284,7 +284,10 @@ def test_cache_under_two_process_cpu_ddp(tmp_path):
     # The two ranks filled disjoint halves of one file; together they hold every sample's teacher outputs.
     (name,) = cache_files(directory)
     rows = read_cache_file(str(directory / name))
-    assert all(torch.equal(rows[k], v) for k, v in read_cache_file(str(tmp_path / "pre" / name)).items())
+    precomputed_rows = read_cache_file(str(tmp_path / "pre" / name))
+    assert precomputed_rows.keys() == rows.keys()
+    for key, value in precomputed_rows.items():  # float rounding only: NHWC conv kernels depend on the batch size
+        torch.testing.assert_close(rows[key], value, rtol=0, atol=1e-6)
     dm = random_datamodule()
     dm.setup()
     teacher = teacher_net().eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from lightning_mtkd.config import RecordsInitArgs
@@ -21,6 +22,10 @@ class ConvBackbone(RecordsInitArgs, nn.Module):
         hidden: Width of the shared feature vector.
         pooled_size: Spatial size the last map is average-pooled to before the hidden layer.
         dropout: Dropout before the hidden layer (regularises a teacher on small data).
+        channels_last: Keep the conv weights and activations in NHWC memory order. The layout changes
+            nothing in the results (up to float rounding), only the speed: oneDNN's NHWC conv kernels run a
+            training step of the demo's student 1.8× and the teacher's 1.45× faster on CPU
+            (``benchmarks/memory_format.py``), and tensor cores prefer it on GPU. ``False``: the NCHW default.
 
     Example:
         >>> import torch
@@ -36,6 +41,7 @@ class ConvBackbone(RecordsInitArgs, nn.Module):
         hidden: int = 256,
         pooled_size: int = 4,
         dropout: float = 0.0,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -49,6 +55,10 @@ class ConvBackbone(RecordsInitArgs, nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
+        self.channels_last = channels_last
+        if channels_last:
+            # `Module.to(device)` later keeps each weight's strides, so the layout survives moves and loads.
+            self.features.to(memory_format=torch.channels_last)
         self.pool = nn.AdaptiveAvgPool2d(pooled_size)
         self.neck = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * pooled_size**2, hidden), nn.ReLU(inplace=True)
@@ -56,6 +66,8 @@ class ConvBackbone(RecordsInitArgs, nn.Module):
         self.out_features = hidden
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # free for 1-channel input (same memory order)
         return self.neck(self.pool(self.features(x)))
 
 
