@@ -116,7 +116,7 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="SharedDistiller with and without pseudo-labels for missing labels.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--epochs", type=int, help="student and teacher epochs (default: the demo's, 20)")
+    parser.add_argument("--epochs", type=int, help="student and teacher epochs (default: the demo's)")
     parser.add_argument("--num-train", type=int, help="training composites (default: the demo's, 5000)")
     parser.add_argument("--alpha", type=float, help="distillation share α of both students (default: the demo's)")
     parser.add_argument("--root", default=".cache/pseudo_labels", help="the teacher checkpoint is reused from here")
