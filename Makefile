@@ -31,6 +31,7 @@ quality: $(STAMP)
 benchmarks: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/overhead.py
 	PYTHONPATH=. $(PY) benchmarks/cache.py
+	PYTHONPATH=. $(PY) benchmarks/memory_format.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

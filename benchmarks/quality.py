@@ -200,6 +200,10 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, wo
     teacher = MultiTaskModule.load_from_checkpoint(teachers.multitask, weights_only=True)
     teacher_test = trainer(1, False).test(teacher, dm, verbose=False)[0]
     example = torch.zeros(1, *dm.input_shape)
+    single_task = {}
+    for task, path in teachers.single_task.items():
+        solo = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
+        single_task[task] = trainer(1, False).test(solo, dm, verbose=False)[0][f"test/{task}/acc"]
     results: dict[str, Any] = {
         "teacher": {
             "acc": {t.name: [teacher_test[f"test/{t.name}/acc"]] for t in TASKS},
@@ -222,6 +226,7 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, wo
         }
     return {
         "rows": results,
+        "single_task_teachers": single_task,
         "seconds": time.perf_counter() - started,
         "teachers_seconds": teachers_seconds,
         "workers": workers,
@@ -295,8 +300,10 @@ def markdown(summary: list[dict[str, Any]], result: dict[str, Any]) -> str:
         cells += [f"{e['params']:,}", f"{e['latency_ms']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     config = result["config"]
+    single_task = ", ".join(f"{task} {100 * acc:.2f} %" for task, acc in result["single_task_teachers"].items())
     lines += [
         "",
+        f"Teacher: the multi-task teacher. Single-task teachers (task-specific and fusion): {single_task}.",
         f"Seeds {result['seeds']}; student {config['student']}; teacher {config['teacher']}; data {config['data']}.",
         f"Wall time {result['seconds']:.0f} s ({result['teachers_seconds']:.0f} s of it training or loading the "
         f"teachers) on {os.cpu_count()} CPU cores, {result['workers']} worker process(es), torch {torch.__version__}.",

@@ -43,6 +43,9 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
     for row in quality.ROWS:
         assert f"| {row} |" in table
     assert (tmp_path / "quality.png").stat().st_size > 1000
+    single_task = out["result"]["single_task_teachers"]
+    assert set(single_task) == {"left", "right"} and all(0 <= acc <= 1 for acc in single_task.values())
+    assert f"Single-task teachers (task-specific and fusion): left {100 * single_task['left']:.2f} %" in table
     shared = next(e for e in out["summary"] if e["row"] == "shared")
     assert {"delta_m", "gap_closed", "beats_scratch"} <= set(shared)
     # The teachers are trained once and reused.
@@ -99,3 +102,15 @@ def test_pseudo_label_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert 0 <= out["pseudo_label_accuracy"] <= 100
     # One teacher, trained once on the partially labelled data for both rows and seeds.
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.ckpt")] == ["teacher_partial"]
+
+
+def test_memory_format_benchmark_times_both_layouts_and_checks_they_agree(tmp_path):
+    memory_format = load("memory_format")
+    out = tmp_path / "memory_format.md"
+    text = memory_format.main(["--batch-size", "4", "--steps", "1", "--repeats", "1", "--out", str(out)])
+    assert out.read_text().endswith(text)
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| student", "| teacher"))]
+    speedups = [row for row in rows if row[1] in ("train", "forward")]
+    assert len(speedups) == 4 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in speedups)
+    differences = [float(row[2]) for row in rows if row[1] == "max output difference"]
+    assert len(differences) == 2 and all(d < 1e-4 for d in differences)
