@@ -39,8 +39,8 @@ TASKS = [Task("left", num_classes=10), Task("right", num_classes=10)]
 
 #: Small data (5,000 composites from 1,000 digits): the regime where a student overfits without a teacher
 #: (shared/MEASUREMENTS.md). Why these numbers (seed sweeps, README "Does distillation pay?"):
-#: - the teacher has three conv stages (95.5–96.2 / 94.1–95.1 % across runs): with two (94.7 / 93.0 %) the 19K student came
-#:   within a point of it and soft targets had nothing left to teach;
+#: - the teacher has three conv stages (95.5–96.2 / 94.1–95.1 % across runs): with two (94.7 / 93.0 %) the
+#:   19K student came within a point of it and soft targets had nothing left to teach;
 #: - students train at lr 3e-3 (at 1e-3 the scratch student was still improving at the end, and soft targets
 #:   only slowed it; at 5e-3 it lost a point), for 30 epochs: distilled students still improved at epoch 20
 #:   (their best validation epoch was the last), the scratch student barely did (+0.3 points), and model
