@@ -27,8 +27,15 @@ import torch
 
 from lightning_mtkd import MultiTaskModule, SharedDistiller
 from lightning_mtkd.data import MultiMNISTDataModule
-from lightning_mtkd.demo import DEFAULTS, TASKS, conv_net, fit_and_test, student_optimizer, train_or_reuse
-from lightning_mtkd.demo import trainer as demo_trainer
+from lightning_mtkd.demo import (
+    DEFAULTS,
+    TASKS,
+    conv_net,
+    evaluate_checkpoint,
+    fit_and_test,
+    student_optimizer,
+    train_or_reuse,
+)
 
 HIDDEN = {"right": 0.5}
 ROWS = {"labels only": False, "pseudo-labels": True}
@@ -42,8 +49,7 @@ def run(config: dict[str, Any], seeds: list[int], root: str) -> dict[str, Any]:
     spec = config["teacher"]
     make_teacher = lambda: MultiTaskModule(conv_net(spec), TASKS)  # noqa: E731 - a one-line factory
     teacher_path = train_or_reuse("teacher_partial", make_teacher, spec, dm, data_config, root, progress=False)
-    teacher = MultiTaskModule.load_from_checkpoint(teacher_path, weights_only=True)
-    teacher_result = demo_trainer(1, False).test(teacher, dm, verbose=False)[0]
+    teacher, teacher_result = evaluate_checkpoint(teacher_path, dm)
     pseudo_accuracy = pseudo_label_accuracy(teacher.model, config, data_config)
 
     student = config["student"]

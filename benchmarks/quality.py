@@ -47,11 +47,11 @@ from lightning_mtkd.demo import (
     TASKS,
     conv_net,
     demo_datamodule,
+    evaluate_checkpoint,
     fit_and_test,
     multitask_teacher,
     student_optimizer,
     train_or_reuse,
-    trainer,
 )
 from lightning_mtkd.models import TaskStudents, count_parameters
 
@@ -197,13 +197,11 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, wo
     teachers_seconds = time.perf_counter() - started
 
     dm = demo_datamodule(config)
-    teacher = MultiTaskModule.load_from_checkpoint(teachers.multitask, weights_only=True)
-    teacher_test = trainer(1, False).test(teacher, dm, verbose=False)[0]
+    teacher, teacher_test = evaluate_checkpoint(teachers.multitask, dm)
     example = torch.zeros(1, *dm.input_shape)
-    single_task = {}
-    for task, path in teachers.single_task.items():
-        solo = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
-        single_task[task] = trainer(1, False).test(solo, dm, verbose=False)[0][f"test/{task}/acc"]
+    single_task = {
+        task: evaluate_checkpoint(path, dm)[1][f"test/{task}/acc"] for task, path in teachers.single_task.items()
+    }
     results: dict[str, Any] = {
         "teacher": {
             "acc": {t.name: [teacher_test[f"test/{t.name}/acc"]] for t in TASKS},

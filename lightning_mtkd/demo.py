@@ -131,6 +131,12 @@ def fit_and_test(
     return run.test(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0]
 
 
+def evaluate_checkpoint(path: str, dm: L.LightningDataModule) -> tuple[MultiTaskModule, dict[str, float]]:
+    """A trained ``MultiTaskModule`` (a teacher) loaded from ``path``, and its metrics on ``dm``'s test split."""
+    module = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
+    return module, trainer(1, False).test(module, dm, verbose=False)[0]
+
+
 def demo_datamodule(config: dict[str, Any]) -> MultiMNISTDataModule:
     return MultiMNISTDataModule(**config["data"], seed=0)
 
@@ -146,8 +152,7 @@ def run(config: dict[str, Any] = DEFAULTS, root: str = ".cache/demo", progress: 
     os.makedirs(root, exist_ok=True)
     dm = demo_datamodule(config)
     teacher_path = multitask_teacher(config, dm, root, progress)
-    teacher = MultiTaskModule.load_from_checkpoint(teacher_path, weights_only=True)
-    teacher_result = trainer(1, False).test(teacher, dm, verbose=False)[0]
+    teacher, teacher_result = evaluate_checkpoint(teacher_path, dm)
 
     spec = config["student"]
     L.seed_everything(config["seed"], workers=True)
