@@ -87,5 +87,25 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | Any:
     )
 
 
+def console_main() -> None:
+    """The ``lightning-mtkd`` console script: exit status 0 on success, 1 with one clear line on failure.
+
+    ``main`` returns the CLI object (what tests and notebooks want), which a console script must not hand
+    to ``sys.exit``: a non-integer exits with status 1. Errors of the run itself (a bad config value, a
+    missing checkpoint, a batch that does not fit the tasks) are printed as one line naming the problem and
+    the fix; ``LIGHTNING_MTKD_TRACEBACK=1`` shows the full traceback instead. Argument errors keep
+    jsonargparse's usage message and status 2.
+    """
+    try:
+        main()
+    except (ValueError, KeyError, TypeError, RuntimeError, FileNotFoundError, ImportError) as error:
+        if os.environ.get("LIGHTNING_MTKD_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"lightning-mtkd: error: {message}", file=sys.stderr)
+        print("(set LIGHTNING_MTKD_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -71,6 +71,15 @@ class BareTensorNet(nn.Module):
         return self.layer(x.flatten(1))
 
 
+def hook_step(module, student, teachers, batch, stage: str = "train"):
+    """A Step built from hand-made outputs, with the strategy's own teacher targets: to call its hooks by hand."""
+    from lightning_mtkd import Step
+
+    step = Step(stage, batch, student, teachers)
+    step.targets = module.teacher_targets(step)
+    return step
+
+
 @pytest.fixture
 def teacher_ckpt(tmp_path) -> str:
     """A (briefly trained) conv teacher saved as a MultiTaskModule checkpoint."""

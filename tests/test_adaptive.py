@@ -92,7 +92,7 @@ def test_fit_student_matching_teacher_on_left_and_lagging_on_right(tmp_path):
     assert torch.equal(reloaded.kd_temperature, module.kd_temperature)
     x = torch.randn(4, 1, 12, 12)
     reloaded.setup("fit")
-    terms = reloaded.distillation_loss(reloaded.student_forward(x), reloaded.teacher_forward({"input": x}), {})
+    terms = reloaded.distillation_loss(reloaded.forward_step({"input": x, "targets": {}}))
     T = reloaded.kd_temperature[1].item()
     plain = TASKS[1].distillation_loss(reloaded.model(x)["right"], teacher(x)["right"], T)
     assert terms["kd/right"].item() == pytest.approx(right * plain.item(), rel=1e-5)  # weight × KD at T_right

@@ -106,12 +106,11 @@ def test_distiller_reads_transformer_attention_without_changing_outputs(mode):
     assert module.kinds == ["weights"]
     module.model.train(mode == "train")
     with torch.no_grad():  # the teacher runs under inference mode, where a fused kernel would skip the hooks
-        teachers = module.teacher_forward({"input": x})
-        outputs = module.student_forward(x)
-    assert torch.allclose(outputs.outputs["left"], before[0], atol=1e-6)
-    assert torch.allclose(teachers["teacher"].outputs["left"], before[1], atol=1e-6)
-    assert teachers["teacher"].features["backbone.encoder.layers.1.self_attn"][1].shape == (4, 4, 9, 9)
-    terms = module.distillation_loss(outputs, teachers, {})
+        step = module.forward_step({"input": x, "targets": {}})
+    assert torch.allclose(step.student.outputs["left"], before[0], atol=1e-6)
+    assert torch.allclose(step.teachers["teacher"].outputs["left"], before[1], atol=1e-6)
+    assert step.teachers["teacher"].features["backbone.encoder.layers.1.self_attn"].shape == (4, 4, 9, 9)
+    terms = module.distillation_loss(step)
     assert set(terms) == {"kd/left", "kd/right", "attention"} and terms["attention"].item() > 0
 
 
@@ -140,7 +139,7 @@ def test_attention_term_falls_when_training_on_it_alone():
     optimizer = torch.optim.Adam(module.model.parameters(), lr=0.05)
     losses = []
     for _ in range(15):
-        terms = module.distillation_loss(module.student_forward(x), module.teacher_forward({"input": x}), {})
+        terms = module.distillation_loss(module.forward_step({"input": x, "targets": {}}))
         optimizer.zero_grad()
         terms["attention"].backward()
         optimizer.step()
@@ -165,7 +164,7 @@ def test_a_module_that_yields_no_attention_fails_clearly():
     module = build(None, [{"student": "backbone.neck", "teacher": "backbone.features.3"}])
     x = torch.randn(2, 1, 12, 12)
     with pytest.raises(ValueError, match=r"student layer 'backbone.neck' yields no attention map.*\(2, 8\)"):
-        module.distillation_loss(module.student_forward(x), module.teacher_forward({"input": x}), {})
+        module.distillation_loss(module.forward_step({"input": x, "targets": {}}))
 
 
 def test_a_mismatched_layer_map_fails_clearly():
@@ -180,15 +179,16 @@ def test_a_mismatched_layer_map_fails_clearly():
                                               "teacher": "backbone.encoder.layers.0.self_attn"}])
     x = torch.randn(2, 1, 12, 12)
     with pytest.raises(ValueError, match=r"attention shapes differ: student \(2, 2, 9, 9\) vs teacher \(2, 2, 4, 4\)"):
-        module.distillation_loss(module.student_forward(x), module.teacher_forward({"input": x}), {})
+        module.distillation_loss(module.forward_step({"input": x, "targets": {}}))
 
 
 def test_an_attention_layer_that_returns_no_weights_fails_clearly():
+    from lightning_mtkd.models.hooks import _MultiheadWeights
     from lightning_mtkd.strategies.attention import _attention_input
 
-    recorded = {"encoder.self_attn": (torch.zeros(2, 9, 8), None)}  # what need_weights=False leaves
-    with pytest.raises(ValueError, match=r"student attention layer 'encoder.self_attn' yielded no per-head attention"):
-        _attention_input(recorded, "encoder.self_attn", "weights", "student")
+    record = _MultiheadWeights({}, "encoder.self_attn", "student")
+    with pytest.raises(RuntimeError, match=r"attention layer 'encoder.self_attn' yielded no per-head attention"):
+        record(nn.Identity(), (), (torch.zeros(2, 9, 8), None))  # what need_weights=False leaves
     with pytest.raises(RuntimeError, match="recorded nothing in the forward pass"):
         _attention_input({}, "encoder.self_attn", "weights", "teacher")
 

@@ -266,7 +266,7 @@ def test_celeba_multilabel_fits_one_step(tmp_path):
     dm.setup()
     (task,) = dm.tasks()
     assert (task.name, task.kind, task.num_classes) == ("attributes", "multilabel", 3)
-    batch = dm.splits["train"].__getitems__([0, 2])
+    batch = dm.splits["train"].gather([0, 2])
     assert batch["targets"]["attributes"].tolist() == ((values[[0, 2]] + 1) // 2).tolist()
     net = MultiTaskNet(ConvBackbone(in_channels=3, widths=(4,), hidden=8), heads={"attributes": 3})
     trainer = quick_trainer(tmp_path, max_epochs=1)

@@ -10,7 +10,7 @@ TINY = {
     "teacher": {"widths": [4, 8, 8], "hidden": 16, "dropout": 0.5, "epochs": 1, "seed": 1},
     "student": {"widths": [2, 4], "hidden": 8, "epochs": 1, "lr": 3e-3},
     "data": {"num_train": 64, "num_val": 32, "num_test": 32, "batch_size": 16},
-    "distill": demo.DEFAULTS["distill"],
+    "distill": demo.RECIPE["distill"],
     "seed": 1,
 }
 

@@ -129,7 +129,7 @@ def test_nyuv2_reads_the_published_layout(tmp_path):
     dm = NYUv2DataModule(str(tmp_path), batch_size=2)
     dm.setup()
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 4, "val": 2, "test": 2}
-    batch = dm.splits["val"].__getitems__([1, 0])
+    batch = dm.splits["val"].gather([1, 0])
     image, label, depth, normal = written[("val", 1)]
     torch.testing.assert_close(batch["input"][0], torch.from_numpy(image).permute(2, 0, 1))
     seg = batch["targets"]["segmentation"][0]
@@ -172,10 +172,10 @@ def test_bad_nyuv2_files(tmp_path):
     dm = NYUv2DataModule(str(tmp_path), tasks=["segmentation"])
     dm.setup()
     with pytest.raises(ValueError, match="2.npy' cannot be read as a .npy array"):
-        dm.splits["train"].__getitems__([2])
+        dm.splits["train"].gather([2])
     np.save(tmp_path / "train" / "label" / "2.npy", np.zeros((H, W + 1), dtype=np.float32))
     with pytest.raises(ValueError, match=r"shape \(6, 9\); a NYUv2 segmentation array is \(H, W\) with the image's"):
-        dm.splits["train"].__getitems__([2])
+        dm.splits["train"].gather([2])
 
 
 def test_segnet_fits_and_distils_on_nyuv2(tmp_path):

@@ -1,5 +1,7 @@
 """The shared step and teacher hygiene, through SharedDistiller (the base's behaviour is the same for all)."""
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -8,7 +10,7 @@ from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
 from lightning_mtkd import DistillationModule, MultiTaskModule, SharedDistiller, Task
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
-from lightning_mtkd.strategies.base import UNSAVED_TEACHER
+from lightning_mtkd.teachers import UNSAVED_TEACHER
 
 
 def make_distiller(teacher, **kwargs):
@@ -40,7 +42,8 @@ def test_teacher_is_frozen_unchanged_in_eval_and_outside_optimizer_and_checkpoin
     checkpoint = torch.load(path, weights_only=True)
     teacher_tensors = {t.data_ptr() for t in teacher.state_dict().values()}
     assert not any(k.startswith("teacher") for k in checkpoint["state_dict"])
-    assert len(checkpoint["state_dict"]) == len(module.model.state_dict()) + len(module.adaptors.state_dict())
+    trained = [module.model, module.adaptors, module.extras]
+    assert len(checkpoint["state_dict"]) == sum(len(part.state_dict()) for part in trained)
     assert checkpoint["hyper_parameters"]["teacher"] == UNSAVED_TEACHER  # a module teacher is never pickled in
 
     reloaded = SharedDistiller.load_from_checkpoint(path, weights_only=True)
@@ -114,10 +117,9 @@ def test_kd_term_falls_and_student_approaches_teacher(tmp_path):
 
 def test_custom_strategy_overrides_one_hook(tmp_path):
     class CosineLogitDistiller(DistillationModule):
-        def distillation_loss(self, student, teachers, batch):
-            teacher = teachers["teacher"]
+        def distillation_loss(self, step):
             return {
-                f"cos/{t}": (1 - torch.cosine_similarity(student.outputs[t], teacher.outputs[t])).mean()
+                f"cos/{t}": (1 - torch.cosine_similarity(step.student.outputs[t], step.targets[t])).mean()
                 for t in self.tasks
             }
 
@@ -148,3 +150,28 @@ def test_a_distilled_student_checkpoint_can_teach(tmp_path, teacher_ckpt):
     x = torch.randn(2, 1, 12, 12)
     module.eval()
     torch.testing.assert_close(network.eval()(x)["left"], module(x)["left"])
+
+
+def test_checkpoints_written_before_the_base_redesign_still_load():
+    """Files written by lightning-mtkd 0.1 before the redesign (tests/fixtures, made by its own code): the hint
+    adaptor and the learned fusion gates (now under `extras.`) come back, and the students give the same outputs."""
+    from lightning_mtkd import FusionDistiller
+    from lightning_mtkd.models import MLPBackbone
+
+    fixtures = Path(__file__).parent / "fixtures"
+    expected = torch.load(fixtures / "legacy-0.1-expected.pt", weights_only=True)
+    tasks = [Task("a", num_classes=3), Task("b", num_classes=2)]
+
+    def net(hidden):
+        return MultiTaskNet(MLPBackbone(in_features=6, hidden=(hidden,)), {"a": 3, "b": 2})
+
+    shared = SharedDistiller.load_from_checkpoint(fixtures / "legacy-0.1-shared.ckpt", weights_only=True, teacher=net(8))
+    assert shared.adaptors["hint"].proj.in_features == 4
+    fusion = FusionDistiller.load_from_checkpoint(
+        fixtures / "legacy-0.1-fusion-learned.ckpt", weights_only=True, teacher={"x": net(8), "y": net(5)}
+    )
+    torch.testing.assert_close(fusion.extras["a"](torch.ones(1, 6)), expected["gate_a"])
+    for name, module in (("shared", shared), ("fusion", fusion)):
+        got = module.model.eval()(expected["x"])
+        for task in ("a", "b"):
+            torch.testing.assert_close(got[task], expected[name][task])

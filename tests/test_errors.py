@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import TASKS, BareTensorNet, conv_net, quick_trainer, random_datamodule
 
-from lightning_mtkd import MultiTaskModule, SharedDistiller, Task
+from lightning_mtkd import MultiTaskModule, SharedDistiller, Task, TransferDistiller
 from lightning_mtkd.data import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
 
@@ -122,8 +122,10 @@ def test_target_count_mismatch():
 def test_hint_settings():
     with pytest.raises(ValueError, match="hint_weight must be >= 0"):
         SharedDistiller(conv_net(), conv_net(), TASKS, hint_weight=-1.0)
-    with pytest.raises(ValueError, match="needs `student_feature` and `teacher_feature`"):
-        SharedDistiller(conv_net(), conv_net(), TASKS, student_feature=None)
+    for strategy in (SharedDistiller, TransferDistiller):
+        with pytest.raises(ValueError, match="hint_weight must be >= 0"):
+            strategy({"left": conv_net(), "right": conv_net()} if strategy is TransferDistiller else conv_net(),
+                     conv_net(), TASKS, hint_weight=-0.5)
 
 
 def test_regression_targets_must_be_float():

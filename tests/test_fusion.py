@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
+from conftest import HEADS, TASKS, conv_net, hook_step, quick_trainer, random_datamodule
 from multimnist_teachers import GradProbe, fit_and_measure, mnist_net, mnist_teacher, single_thread  # noqa: F401
 from test_cli_configs import SMALL_DATA
 from torch import Tensor, nn
@@ -51,34 +51,39 @@ def fusion_module(fusion: str, **kwargs) -> FusionDistiller:
 def test_mean_fusion_matches_hand_computation_and_leaves_out_a_teacher_missing_the_task():
     logits, teachers, student, batch = tiny_batch()
     module = fusion_module("mean")
-    terms = module.distillation_loss(student, teachers, batch)
+    step = hook_step(module, student, teachers, batch)
+    terms = module.distillation_loss(step)
     p = {name: {t: F.softmax(z / T, dim=1) for t, z in out.items()} for name, out in logits.items()}
     left = (p["a"]["left"] + p["b"]["left"] + p["solo"]["left"]) / 3
     torch.testing.assert_close(terms["kd/left"], reference_kd(student.outputs["left"], left))
     # `solo` does not output `right`: right is the mean of a and b alone
     torch.testing.assert_close(terms["kd/right"], reference_kd(student.outputs["right"],
                                                                (p["a"]["right"] + p["b"]["right"]) / 2))
-    assert module._fusion_log["right"][0] == ["a", "b"] and module._fusion_log["left"][0] == ["a", "b", "solo"]
-    # the fused target is kept for the teacher metrics logged beside the student's
-    torch.testing.assert_close(F.softmax(module._fused["right"] / T, dim=1), (p["a"]["right"] + p["b"]["right"]) / 2)
+    assert {k for k in step.logs if k.startswith("right/")} == {"right/fusion_a", "right/fusion_b"}
+    assert {k for k in step.logs if k.startswith("left/")} == {"left/fusion_a", "left/fusion_b", "left/fusion_solo"}
+    # the fused target is the teacher target: also what the teacher metrics beside the student's measure
+    torch.testing.assert_close(F.softmax(step.targets["right"] / T, dim=1), (p["a"]["right"] + p["b"]["right"]) / 2)
 
 
 def test_fixed_weights_match_hand_computation_renormalised_per_task():
     logits, teachers, student, batch = tiny_batch()
     module = fusion_module("weights", weights=[3.0, 1.0, 4.0])
-    terms = module.distillation_loss(student, teachers, batch)
+    step = hook_step(module, student, teachers, batch)
+    terms = module.distillation_loss(step)
     p = {name: {t: F.softmax(z / T, dim=1) for t, z in out.items()} for name, out in logits.items()}
     left = (3 * p["a"]["left"] + 1 * p["b"]["left"] + 4 * p["solo"]["left"]) / 8
     right = (3 * p["a"]["right"] + 1 * p["b"]["right"]) / 4
     torch.testing.assert_close(terms["kd/left"], reference_kd(student.outputs["left"], left))
     torch.testing.assert_close(terms["kd/right"], reference_kd(student.outputs["right"], right))
-    torch.testing.assert_close(module._fusion_log["right"][1], torch.tensor([0.75, 0.25]))
+    torch.testing.assert_close(torch.stack([step.logs["right/fusion_a"], step.logs["right/fusion_b"]]),
+                               torch.tensor([0.75, 0.25]))
 
 
 def test_confidence_fusion_matches_ca_mkd_by_hand():
     logits, teachers, student, batch = tiny_batch()
     module = fusion_module("confidence")
-    terms = module.distillation_loss(student, teachers, batch)
+    step = hook_step(module, student, teachers, batch)
+    terms = module.distillation_loss(step)
     for task, names in (("left", ["a", "b", "solo"]), ("right", ["a", "b"])):
         labels = batch["targets"][task]
         k = len(names)
@@ -91,18 +96,18 @@ def test_confidence_fusion_matches_ca_mkd_by_hand():
                 w = ((1 - ce.exp() / ce.exp().sum()) / (k - 1)).tolist()
             fused[i] = sum(wk * F.softmax(logits[n][task][i] / T, dim=0) for wk, n in zip(w, names, strict=True))
         torch.testing.assert_close(terms[f"kd/{task}"], reference_kd(student.outputs[task], fused))
-    assert torch.isclose(module._fusion_log["right"][1].sum(), torch.tensor(1.0))
+    assert torch.isclose(step.logs["right/fusion_a"] + step.logs["right/fusion_b"], torch.tensor(1.0))
 
 
 def test_learned_gate_weights_sum_to_one_and_learn_to_trust_the_right_teacher():
     torch.manual_seed(0)
     module = fusion_module("learned")
-    module.gates["left"] = nn.Linear(20, 2)
+    module.extras["left"] = nn.Linear(20, 2)
     labels = torch.randint(0, 10, (64,))
     right = F.one_hot(labels, 10).float() * 4  # teacher 0 is always right, teacher 1 always wrong
     wrong = F.one_hot((labels + 1) % 10, 10).float() * 4
     stacked = torch.stack([right, wrong])
-    optimizer = torch.optim.SGD(module.gates.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD(module.extras.parameters(), lr=0.5)
     for _ in range(30):
         weights, gate_loss = module.fusion_weights("left", ["a", "b"], stacked, labels)
         optimizer.zero_grad()
@@ -121,9 +126,9 @@ def test_learned_gates_sized_by_dry_run_trained_logged_and_reloaded(tmp_path, te
     probe = GradProbe()
     trainer = quick_trainer(tmp_path, max_epochs=1, limit_val_batches=1, callbacks=[probe])
     trainer.fit(module, random_datamodule())
-    assert {t: (g.in_features, g.out_features) for t, g in module.gates.items()} == {"left": (20, 2), "right": (10, 1)}
-    assert probe.grads[id(module.gates["left"].weight)]
-    assert {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}["gates"] == 0.03
+    assert {t: (g.in_features, g.out_features) for t, g in module.extras.items()} == {"left": (20, 2), "right": (10, 1)}
+    assert probe.grads[id(module.extras["left"].weight)]
+    assert {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}["adaptors"] == 0.03
     metrics = trainer.callback_metrics
     torch.testing.assert_close(metrics["val/left/fusion_mt"] + metrics["val/left/fusion_solo"], torch.tensor(1.0))
     assert "val/right/fusion_solo" not in metrics and metrics["val/right/fusion_mt"] == 1.0
@@ -134,7 +139,7 @@ def test_learned_gates_sized_by_dry_run_trained_logged_and_reloaded(tmp_path, te
     trainer.save_checkpoint(path)
     reloaded = FusionDistiller.load_from_checkpoint(path, weights_only=True)  # gates rebuilt from their tensors
     x = torch.randn(3, 20)
-    torch.testing.assert_close(reloaded.gates["left"](x), module.gates["left"](x))
+    torch.testing.assert_close(reloaded.extras["left"](x), module.extras["left"](x))
 
 
 def test_distillation_term_falls_on_multimnist(tmp_path):

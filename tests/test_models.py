@@ -55,7 +55,11 @@ def test_models_round_trip_through_their_config():
     rebuilt = build_module(config)
     assert isinstance(rebuilt, MultiTaskNet)
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in net.parameters()]
-    assert to_config(nn.Linear(2, 2)) is None  # a module we cannot describe is not guessed
+    # A module whose arguments cannot all be found is recorded as its class alone, never guessed:
+    # nn.Linear's `bias` attribute is a Parameter, not the bool it was built with.
+    assert to_config(nn.Linear(2, 2)) == {"class_path": "torch.nn.modules.linear.Linear", "uncaptured": ["bias"]}
+    with pytest.raises(ValueError, match=r"not its constructor argument\(s\) \['bias'\].*load_from_checkpoint"):
+        build_module(to_config(nn.Linear(2, 2)))
 
 
 def test_multitasknet_needs_a_width():

@@ -74,7 +74,7 @@ def test_each_task_loss_is_over_its_own_data_set(tmp_path):
     module = MultiTaskModule(net, TASKS)
     dm = two_sources(batch_size=20, sampling="uniform")
     batch, _, _ = next(iter(dm.train_dataloader()))
-    terms = module.shared_step(batch, "val")  # the dict of per-task batches, merged by the step
+    terms = module.shared_step(merge_task_batches(batch, module.tasks), "val")  # as the DataModule's hook does
     with torch.no_grad():
         expected_digit = F.cross_entropy(net(batch["digit"]["input"])["digit"], batch["digit"]["targets"]["digit"])
         expected_size = F.mse_loss(net(batch["size"]["input"])["size"], batch["size"]["targets"]["size"])
@@ -114,7 +114,7 @@ def test_errors(tmp_path):
         two_sources(sampling="temperature", tau=-1.0)
     a = {"input": torch.zeros(2, 6), "targets": {"a": torch.zeros(2, dtype=torch.long)}, "index": torch.arange(2)}
     b = {"input": torch.zeros(2, 5), "targets": {"b": torch.zeros(2)}, "index": torch.arange(2)}
-    with pytest.raises(ValueError, match="inputs of different shapes"):
+    with pytest.raises(ValueError, match="give input of different shapes"):
         merge_task_batches({"a": a, "b": b})
 
 

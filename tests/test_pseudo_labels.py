@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TASKS, conv_net, quick_trainer, random_datamodule
+from conftest import TASKS, conv_net, hook_step, quick_trainer, random_datamodule
 from test_reliability import DISTILLERS, STRATEGIES, _teacher_kwargs, teacher_net
 
 from lightning_mtkd import SharedDistiller, Task
@@ -123,12 +123,16 @@ def test_training_loss_with_pseudo_labels_equals_a_hand_computed_reference():
 def test_pseudo_labels_are_for_training_only_and_need_teachers():
     module = _module(True)
     batch = _batch()
-    teachers = module.run_teachers(batch)
-    assert module.supervision_targets("val", batch["targets"], teachers) is batch["targets"]
-    assert module.supervision_targets("test", batch["targets"], teachers) is batch["targets"]
-    assert module.supervision_targets("train", batch["targets"], {}) is batch["targets"]  # a student evaluated alone
-    assert (module.supervision_targets("train", batch["targets"], teachers)["right"] != M).all()
-    assert _module(False).supervision_targets("train", batch["targets"], teachers) is batch["targets"]
+    step = module.forward_step(batch, "train")
+
+    def targets(module, stage, teachers=step.teachers):
+        return module.supervision_targets(hook_step(module, step.student, teachers, batch, stage))
+
+    assert targets(module, "val") is batch["targets"]
+    assert targets(module, "test") is batch["targets"]
+    assert targets(module, "train", {}) is batch["targets"]  # a student evaluated alone
+    assert (targets(module, "train")["right"] != M).all()
+    assert targets(_module(False), "train") is batch["targets"]
     with pytest.raises(TypeError, match="pseudo_label_missing must be True or False"):
         SharedDistiller(conv_net(), teacher_net(), TASKS, pseudo_label_missing="yes")
 

@@ -251,7 +251,7 @@ def _teacher_kwargs(module):
         return {}
     teachers = {
         name: teacher_net() if name in ("teacher", "multitask") else single_task_teacher(name)
-        for name in module._teacher_sources
+        for name in module.teachers.names
     }
     return {"teacher": teachers["teacher"] if list(teachers) == ["teacher"] else teachers}
 

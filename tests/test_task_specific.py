@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import HEADS, TASKS, conv_net, quick_trainer, random_datamodule
+from conftest import HEADS, TASKS, conv_net, hook_step, quick_trainer, random_datamodule
 from multimnist_teachers import GradProbe, fit_and_measure, mnist_net, mnist_teacher, single_thread  # noqa: F401
 from test_cli_configs import SMALL_DATA
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from lightning_mtkd import ModelOutputs, MultiTaskModule, TaskSpecificDistiller
 from lightning_mtkd.cli import main
 from lightning_mtkd.losses.functional import feature_distance, soft_target_kd
 from lightning_mtkd.models import Adaptor, ConvBackbone, MultiTaskNet
-from lightning_mtkd.strategies.base import UNSAVED_TEACHER
+from lightning_mtkd.teachers import UNSAVED_TEACHER
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see multimnist_teachers.one_thread
 
@@ -71,20 +71,21 @@ def test_each_task_is_distilled_from_its_own_teacher_by_hand():
     """kd/<task> and feat/<task> use that task's teacher (here a multi-task teacher for `left` via task_teachers)."""
     torch.manual_seed(0)
     module = TaskSpecificDistiller(conv_net((2, 4), 8), {"mt": conv_net(), "right": single_teacher("right", 24)}, TASKS,
-                                   task_teachers={"left": "mt"}, temperature=2.0, feature_weight=0.5, distance="cosine")
+                                   task_teachers={"left": "mt"}, temperature=2.0, feature_weight=0.5, distance="cosine",
+                                   student_feature="backbone", teacher_feature="backbone")
     assert module.task_teachers == {"left": "mt", "right": "right"}
-    assert {k: v[1] for k, v in module.adaptor_specs().items()} == {"left": "mt", "right": "right"}
+    assert {p.adaptor: p.teacher for p in module.feature_pairs()} == {"left": "mt", "right": "right"}
     module.adaptors["left"], module.adaptors["right"] = Adaptor(8, 16), Adaptor(8, 24)
     student = ModelOutputs({t: torch.randn(4, 10) for t in HEADS}, {"backbone": torch.randn(4, 8)})
     teachers = {
         "mt": ModelOutputs({t: torch.randn(4, 10) for t in HEADS}, {"backbone": torch.randn(4, 16)}),
         "right": ModelOutputs({"right": torch.randn(4, 10)}, {"backbone": torch.randn(4, 24)}),
     }
-    terms = module.distillation_loss(student, teachers, {})
+    terms = module.distillation_loss(hook_step(module, student, teachers, {"targets": {}}))
     # the task's own teacher, even where another teacher (listed first) outputs the task too (also for teacher_acc)
     both = {name: ModelOutputs({t: torch.randn(4, 10) for t in HEADS}) for name in ("right", "mt")}
-    assert module.teacher_for_task(both, "left") is both["mt"]
-    assert module.teacher_for_task(both, "right") is both["right"]
+    targets = hook_step(module, student, both, {"targets": {}}).targets
+    assert targets["left"] is both["mt"].outputs["left"] and targets["right"] is both["right"].outputs["right"]
     for task, teacher in (("left", "mt"), ("right", "right")):
         expected_kd = soft_target_kd(student.outputs[task], teachers[teacher].outputs[task], 2.0)
         adapted = module.adaptors[task](student.features["backbone"])

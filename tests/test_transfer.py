@@ -35,8 +35,9 @@ def test_students_train_together_and_each_loads_and_runs_alone(tmp_path, teacher
     trainer = quick_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[probe])
     trainer.fit(module, random_datamodule())
 
-    # one teacher pass per batch, shared by both students (+1: the dry run that sizes the adaptors)
-    assert len(calls) == 3 + 1
+    # one teacher pass per batch, shared by both students (+2 at setup: finding the teacher's shared feature, the
+    # input of its heads, and the dry run that sizes the adaptors)
+    assert len(calls) == 3 + 2
     # one adaptor per student, from its own feature width to the teacher's common feature
     assert {n: (a.proj.in_features, a.proj.out_features) for n, a in module.adaptors.items()} == {
         "left": (8, 32), "right": (12, 32)}
@@ -51,7 +52,7 @@ def test_students_train_together_and_each_loads_and_runs_alone(tmp_path, teacher
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["state_dict"]
     assert any(k.startswith("model.left.") for k in state) and any(k.startswith("model.right.") for k in state)
-    assert len(state) == len(module.model.state_dict()) + len(module.adaptors.state_dict())
+    assert len(state) == sum(len(part.state_dict()) for part in (module.model, module.adaptors, module.extras))
     reloaded = TransferDistiller.load_from_checkpoint(path, weights_only=True)
 
     module.eval()

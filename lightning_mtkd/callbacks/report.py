@@ -20,8 +20,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
+from lightning_mtkd.inputs import call_model, first_samples, tensor_leaves, to_device
 from lightning_mtkd.models.backbones import count_parameters
 
 
@@ -171,13 +173,14 @@ class DistillationReport(Callback):
         self.print_table = print_table
         self.summaries: dict[str, DistillationSummary] = {}
         self.files: dict[str, str] = {}
-        self._example: Tensor | None = None
+        self._example: Any = None
 
     # --------------------------------------------------------------------------- an example batch
     def _keep_example(self, batch: Any) -> None:
         # One slice of the first batch, kept once: the latency is measured on real inputs of the run.
-        if self._example is None and isinstance(batch, Mapping) and isinstance(batch.get("input"), Tensor):
-            self._example = batch["input"][: self.latency_batch_size].detach().clone()
+        if self._example is None and isinstance(batch, Mapping) and tensor_leaves(batch.get("input")):
+            example = first_samples(batch["input"], self.latency_batch_size)
+            self._example = apply_to_collection(example, Tensor, lambda tensor: tensor.detach().clone())
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -245,11 +248,15 @@ class DistillationReport(Callback):
             device=str(pl_module.device),
         )
         if self._example is not None and self.latency_repeats > 0:
-            example = self._example.to(pl_module.device)
-            summary.batch_size = example.shape[0]
+            example = to_device(self._example, pl_module.device)
+            summary.batch_size = tensor_leaves(example)[0].shape[0]
             # The student under a key no teacher can have (teacher names are task or user names: no spaces).
             latency = measure_latencies(
-                {"the student": student, **teachers}, example, self.latency_repeats, self.latency_warmup
+                {"the student": student, **teachers},
+                example,
+                self.latency_repeats,
+                self.latency_warmup,
+                unpack=getattr(pl_module, "unpack_inputs", True),
             )
             summary.student_latency_ms = latency.pop("the student")
             summary.teacher_latency_ms = sum(latency.values()) if latency else None
@@ -281,15 +288,15 @@ def run_directory(trainer: L.Trainer) -> str:
     return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
-def measure_latency(model: nn.Module, example: Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def measure_latency(model: nn.Module, example: Any, repeats: int = 20, warmup: int = 3, unpack: bool = True) -> float:
     """Median wall time of one inference forward of ``model`` on ``example``, in milliseconds."""
-    return measure_latencies({"model": model}, example, repeats, warmup)["model"]
+    return measure_latencies({"model": model}, example, repeats, warmup, unpack)["model"]
 
 
 def measure_latencies(
-    models: Mapping[str, nn.Module], example: Tensor, repeats: int = 20, warmup: int = 3
+    models: Mapping[str, nn.Module], example: Any, repeats: int = 20, warmup: int = 3, unpack: bool = True
 ) -> dict[str, float]:
-    """Median wall time (ms) of one inference forward of each model on ``example``.
+    """Median wall time (ms) of one inference forward of each model on ``example`` (a Tensor or a dict of them).
 
     The models' forwards are interleaved within each repeat, so a burst of load on a shared
     machine slows all of them alike and their ratio (the speed-up) stays fair. Models are put in
@@ -297,7 +304,8 @@ def measure_latencies(
     the time is the kernels', not the launch's.
     """
     modes = {name: model.training for name, model in models.items()}
-    cuda = example.device.type == "cuda"
+    device = tensor_leaves(example)[0].device
+    cuda = device.type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in models}
     try:
         for model in models.values():
@@ -306,11 +314,11 @@ def measure_latencies(
             for repeat in range(warmup + repeats):
                 for name, model in models.items():
                     if cuda:
-                        torch.cuda.synchronize(example.device)
+                        torch.cuda.synchronize(device)
                     start = time.perf_counter()
-                    model(example)
+                    call_model(model, example, unpack)
                     if cuda:
-                        torch.cuda.synchronize(example.device)
+                        torch.cuda.synchronize(device)
                     if repeat >= warmup:
                         times[name].append(time.perf_counter() - start)
     finally:
@@ -347,8 +355,14 @@ def save_chart(summaries: list[DistillationSummary], path: str) -> None:
         bars = latency_ax.bar(labels, latency, color=[TEACHER_COLOR, STUDENT_COLOR])
         latency_ax.set_ylim(0, 1.2 * max(latency + [1e-3]))
         for bar, count in zip(bars, params, strict=True):
-            latency_ax.annotate(f"{count:,} params", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+            latency_ax.annotate(
+                f"{count:,} params",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+            )
         speed = f", {summary.speedup:.1f}× faster" if summary.speedup is not None else ""
         latency_ax.set_title(f"ms / batch on {summary.device}{speed}", fontsize=9)
     figure.savefig(path, dpi=100)
@@ -391,8 +405,9 @@ def _value(value: Any) -> float | None:
 
 
 def _available_teachers(pl_module: L.LightningModule) -> dict[str, nn.Module]:
-    """The module's teachers if it has any that can be loaded (none for a plain ``MultiTaskModule``)."""
-    try:
-        return dict(getattr(pl_module, "teachers", {}))
-    except (RuntimeError, FileNotFoundError):  # a teacher recorded without a source: report the student alone
+    """The module's teachers if it uses them in this run (none for a plain ``MultiTaskModule``, or a student
+    evaluated without its teachers)."""
+    teachers = getattr(pl_module, "teachers", None)
+    if teachers is None or not teachers.active:
         return {}
+    return teachers.modules()

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtkd.config import class_path
-from lightning_mtkd.data.base import MultiTaskDataset
+from lightning_mtkd.data.base import MultiTaskDataset, fetch_samples, unwrap_dataset
 
 if TYPE_CHECKING:
     from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs
@@ -196,7 +196,7 @@ class TeacherCache(L.Callback):
 
     # ------------------------------------------------------------------------------ opening a split
     def _open(self, split: Split, trainer: L.Trainer, module: Any, loader: Any) -> None:
-        if split not in self.splits or split in self.stores or not getattr(module, "_teacher_sources", None):
+        if split not in self.splits or split in self.stores or not module.teachers.active:
             return
         if not isinstance(loader, DataLoader):
             warnings.warn(
@@ -256,10 +256,10 @@ class TeacherCache(L.Callback):
             "precision": str(trainer.precision),
             "layout": layout.describe(),
             "data": dataset_fingerprint(dataset),
-            "teachers": sorted(module.teachers),
+            "teachers": sorted(module.teachers.names),
         }
         digest.update(json.dumps(described, sort_keys=True).encode())
-        for name, teacher in sorted(module.teachers.items()):
+        for name, teacher in sorted(module.teachers.modules().items()):
             digest.update(f"{name}:{class_path(teacher)}".encode())
             for key, value in teacher.state_dict().items():
                 digest.update(key.encode())
@@ -575,6 +575,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     hashed whole; any other data set by its type, length, ``transform`` and the inputs of up to
     256 evenly spaced samples (define ``cache_fingerprint`` where that could miss a change).
     """
+    dataset = unwrap_dataset(dataset)
     custom = getattr(dataset, "cache_fingerprint", None)
     if callable(custom):
         return str(custom())
@@ -582,7 +583,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     n = len(dataset)  # type: ignore[arg-type]
     digest.update(f"{class_path(dataset)}:{n}:{getattr(dataset, 'transform', None)!r}".encode())
     if isinstance(dataset, MultiTaskDataset):
-        _update_with_tensor(digest, dataset.inputs)
+        for tensor in _tensors(dataset.inputs):  # every leaf of a dict of inputs
+            _update_with_tensor(digest, tensor)
     else:
         indices = sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 256))})
         for tensor in _tensors(_inputs_of(_fetch(dataset, indices, None))):
@@ -608,11 +610,8 @@ def _update_with_tensor(digest: Any, tensor: Tensor) -> None:
 
 
 def _fetch(dataset: Dataset, indices: list[int], collate: Any) -> Any:
-    """Samples ``indices`` as the DataLoader would fetch them (``__getitems__`` if the data set has it)."""
-    from torch.utils.data import default_collate
-
-    items = dataset.__getitems__(indices) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
-    return (collate or default_collate)(items)
+    """Samples ``indices`` as the DataLoader would fetch them, without its sampler."""
+    return fetch_samples(dataset, indices, collate)
 
 
 def _inputs_of(batch: Any) -> Any:

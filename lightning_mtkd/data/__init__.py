@@ -1,6 +1,8 @@
 """DataModules and datasets that feed multi-task batches."""
 
 from lightning_mtkd.data.base import (
+    BatchGathering,
+    GatheringDataset,
     MultiTaskDataModule,
     MultiTaskDataset,
     collate_batch,
@@ -15,6 +17,8 @@ from lightning_mtkd.data.nyuv2 import NYUv2DataModule, NYUv2Dataset
 from lightning_mtkd.data.per_task import PerTaskDataModule, source_shares
 
 __all__ = [
+    "BatchGathering",
+    "GatheringDataset",
     "CelebADataModule",
     "CelebADataset",
     "CSVMultiTaskDataModule",

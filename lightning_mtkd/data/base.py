@@ -12,48 +12,109 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from lightning_mtkd.inputs import tensor_leaves
 from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
 
-class MultiTaskDataset(Dataset):
+class GatheringDataset(Dataset):
+    """A data set that reads a whole batch at once: :meth:`gather` ``(indices) → batch dict``.
+
+    Indexing gives one sample (``dataset[i]``: ``{"input", "targets", "index"}`` without a batch
+    dimension), so a plain ``DataLoader(dataset, batch_size=...)`` with PyTorch's default collate
+    works as for any data set. The data modules here load through :class:`BatchGathering`, which
+    gathers each batch with one indexing operation per tensor instead (no Python loop over samples).
+    """
+
+    def gather(self, indices: Sequence[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return apply_to_collection(self.gather([index]), Tensor, lambda tensor: tensor[0])
+
+
+class MultiTaskDataset(GatheringDataset):
     """In-memory tensors: inputs and one target tensor per task, gathered a whole batch at a time.
 
-    ``__getitems__`` gathers a batch with one indexing op per tensor (no Python loop over samples),
-    and the DataLoader's collate step passes the ready batch through.
+    ``inputs`` is a Tensor or a pytree of Tensors with the samples on their first axis (a dict such as
+    a tokenizer's ``{"input_ids", "attention_mask"}``, padded to one length).
 
     Example:
         >>> ds = MultiTaskDataset(torch.zeros(5, 3), {"a": torch.arange(5)})
-        >>> batch = ds.__getitems__([4, 1])
+        >>> batch = ds.gather([4, 1])
         >>> batch["targets"]["a"].tolist(), batch["index"].tolist()
         ([4, 1], [4, 1])
+        >>> ds[4]["targets"]["a"], tuple(ds[4]["input"].shape)  # one sample, as a plain DataLoader expects
+        (tensor(4), (3,))
     """
 
-    def __init__(self, inputs: Tensor, targets: Mapping[str, Tensor]) -> None:
+    def __init__(self, inputs: Any, targets: Mapping[str, Tensor]) -> None:
+        leaves = tensor_leaves(inputs)
+        if not leaves:
+            raise TypeError(f"inputs must be a Tensor or a dict/tuple of Tensors, got {type(inputs).__name__}.")
+        lengths = {len(leaf) for leaf in leaves}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"the input tensors hold different numbers of samples {sorted(lengths)}; give one per sample."
+            )
+        count = lengths.pop()
         for name, target in targets.items():
-            if len(target) != len(inputs):
+            if len(target) != count:
                 raise ValueError(
-                    f"task {name!r} has {len(target)} targets for {len(inputs)} inputs; every task needs one target "
+                    f"task {name!r} has {len(target)} targets for {count} inputs; every task needs one target "
                     "per input (mark missing labels with the ignore value)."
                 )
         self.inputs = inputs
         self.targets = dict(targets)
+        self._length = count
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return self._length
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def gather(self, indices: Sequence[int]) -> dict[str, Any]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return {
-            "input": self.inputs[index],
+            "input": apply_to_collection(self.inputs, Tensor, lambda tensor: tensor[index]),
             "targets": {name: target[index] for name, target in self.targets.items()},
             "index": index,
         }
+
+
+class BatchGathering(Dataset):
+    """Makes a ``DataLoader`` fetch whole batches from a :class:`GatheringDataset` (its ``gather``).
+
+    PyTorch's fetcher calls ``__getitems__`` with a batch's indices when a data set has it; the loader's
+    ``collate_fn`` must then be :func:`collate_batch`, which passes the ready batch through.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        return self.dataset.gather(indices)  # type: ignore[attr-defined]
+
+
+def unwrap_dataset(dataset: Dataset) -> Dataset:
+    """The data set behind a :class:`BatchGathering` wrapper."""
+    return dataset.dataset if isinstance(dataset, BatchGathering) else dataset
+
+
+def fetch_samples(dataset: Dataset, indices: Sequence[int], collate: Any = None) -> Any:
+    """Samples ``indices`` as one batch, as a DataLoader would fetch them (without its sampler or workers)."""
+    dataset = unwrap_dataset(dataset)
+    if isinstance(dataset, GatheringDataset):
+        return dataset.gather(list(indices))
+    items = dataset.__getitems__(list(indices)) if hasattr(dataset, "__getitems__") else [dataset[i] for i in indices]
+    return (collate or default_collate)(items)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -80,14 +141,11 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 def collate_batch(batch: Any) -> Any:
-    """Collate for :class:`MultiTaskDataset`: batches arrive gathered; lists of single samples are merged."""
+    """Collate for :class:`BatchGathering` loaders: a gathered batch passes through; a list of samples is
+    collated by PyTorch's ``default_collate``."""
     if isinstance(batch, Mapping):
         return batch
-    return {
-        "input": torch.cat([b["input"] for b in batch]),
-        "targets": {name: torch.cat([b["targets"][name] for b in batch]) for name in batch[0]["targets"]},
-        "index": torch.cat([b["index"] for b in batch]),
-    }
+    return default_collate(batch)
 
 
 def is_task_batch_dict(batch: Any) -> bool:
@@ -105,6 +163,7 @@ def merge_task_batches(batch: Any, tasks: Mapping[str, Task] | None = None) -> A
 
     A task's targets come from the sources whose batches carry them; the other sources' samples get
     the task's missing label (``Task.missing_targets``, or ``-100`` / ``NaN`` by dtype without ``tasks``).
+    Inputs may be any pytree of tensors (a dict of token ids and masks): each leaf is concatenated.
 
     Example:
         >>> a = {"input": torch.ones(2, 3), "targets": {"a": torch.tensor([1, 0])}, "index": torch.tensor([0, 1])}
@@ -116,20 +175,16 @@ def merge_task_batches(batch: Any, tasks: Mapping[str, Task] | None = None) -> A
     if not is_task_batch_dict(batch):
         return batch
     parts = [b for b in batch.values() if b is not None]
-    shapes = {tuple(p["input"].shape[1:]) for p in parts}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"the per-task data sets give inputs of different shapes {sorted(shapes)}; one student reads them all, "
-            "so resize them to one shape in the data sets."
-        )
+    inputs = _concatenate([p["input"] for p in parts], "input")
     names = list(dict.fromkeys([*(tasks or {}), *(name for p in parts for name in p["targets"])]))
-    spatial = tuple(parts[0]["input"].shape[2:])
+    first_leaf = tensor_leaves(parts[0]["input"])[0]
+    spatial = tuple(first_leaf.shape[2:])
     targets: dict[str, Tensor] = {}
     for name in names:
         template = next((p["targets"][name] for p in parts if name in p["targets"]), None)
         pieces = []
         for part in parts:
-            count = len(part["input"])
+            count = len(part["index"])
             if name in part["targets"]:
                 pieces.append(part["targets"][name])
             elif template is not None:
@@ -138,11 +193,32 @@ def merge_task_batches(batch: Any, tasks: Mapping[str, Task] | None = None) -> A
             else:  # no source of this step carries the task (an exhausted evaluation loader)
                 pieces.append(tasks[name].missing_targets(count, spatial))  # type: ignore[index]
         targets[name] = torch.cat(pieces)
-    return {
-        "input": torch.cat([p["input"] for p in parts]),
-        "targets": targets,
-        "index": torch.cat([p["index"] for p in parts]),
-    }
+    return {"input": inputs, "targets": targets, "index": torch.cat([p["index"] for p in parts])}
+
+
+def _concatenate(parts: list[Any], where: str) -> Any:
+    """Concatenate the per-source inputs leaf by leaf along the batch axis."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the per-task data sets give {where} of different shapes {sorted(shapes)}; one student reads them "
+                "all, so resize (or pad token sequences) to one shape in the data sets."
+            )
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        keys = [list(p) for p in parts]
+        if any(k != keys[0] for k in keys):
+            raise ValueError(
+                f"the per-task data sets give {where} dicts with different keys {keys}; use the same keys."
+            )
+        return {key: _concatenate([p[key] for p in parts], f"{where}[{key!r}]") for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concatenate([p[i] for p in parts], f"{where}[{i}]") for i in range(len(first)))
+    raise TypeError(
+        f"cannot concatenate {where} of type {type(first).__name__}; inputs must be tensors (or dicts of them)."
+    )
 
 
 def _default_missing(template: Tensor) -> float:
@@ -256,7 +332,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"this DataModule has no {split!r} split (it has {list(self.splits)}).")
         dataset = self.splits[split]
         return DataLoader(
-            dataset,
+            BatchGathering(dataset) if isinstance(dataset, GatheringDataset) else dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,  # type: ignore[arg-type]
             num_workers=self.num_workers,

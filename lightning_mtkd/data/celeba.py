@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_mtkd.data.base import MultiTaskDataModule
+from lightning_mtkd.data.base import GatheringDataset, MultiTaskDataModule
 from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
 ATTRIBUTE_FILE = "list_attr_celeba.txt"
@@ -106,7 +106,7 @@ def load_image(path: Path, crop: int | None, size: int) -> np.ndarray:
         raise ValueError(f"CelebA image {str(path)!r} cannot be decoded ({error}); replace the file.") from None
 
 
-class CelebADataset(Dataset):
+class CelebADataset(GatheringDataset):
     """One CelebA split: images decoded on demand, attributes as targets (0/1, ``-100`` if unknown).
 
     Args:
@@ -136,10 +136,7 @@ class CelebADataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def gather(self, indices: Sequence[int]) -> dict[str, Any]:
         index = torch.as_tensor(indices, dtype=torch.long)
         # Decoding is per file by nature; the DataLoader's workers run this off the training process.
         images = np.stack([load_image(self.image_dir / self.files[i], self.crop, self.image_size) for i in indices])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lightning_mtkd.data.base import MultiTaskDataModule
+from lightning_mtkd.data.base import GatheringDataset, MultiTaskDataModule
 from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
 NYUTask = Literal["segmentation", "depth", "normals"]
@@ -57,7 +57,7 @@ def array_indices(folder: Path) -> list[int]:
     return sorted(indices)
 
 
-class NYUv2Dataset(Dataset):
+class NYUv2Dataset(GatheringDataset):
     """One NYUv2 split, read sample by sample from ``.npy`` files and gathered into a batch.
 
     Args:
@@ -74,9 +74,6 @@ class NYUv2Dataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])
 
     def _read(self, kind: str, index: int, height_width: tuple[int, ...] | None) -> np.ndarray:
         path = self.folder / ("image" if kind == "image" else FOLDERS[kind]) / f"{index}.npy"
@@ -97,7 +94,7 @@ class NYUv2Dataset(Dataset):
             )
         return array
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def gather(self, indices: Sequence[int]) -> dict[str, Any]:
         # Files are read one by one by nature; the DataLoader's workers do it off the training process.
         images: list[np.ndarray] = []
         targets: dict[str, list[np.ndarray]] = {task: [] for task in self.tasks}

@@ -5,8 +5,8 @@ batches ``{source: {"input", "targets", "index"}}``. :func:`merge_task_batches` 
 ordinary batch the shared step reads: the inputs concatenated, and every task's targets present for
 the samples of its own data set and missing (``-100`` / ``NaN``) for the others, so each task's loss
 and metrics are the masked means over its own samples — no special case in the shared step.
-``MultiTaskDataModule.on_before_batch_transfer`` applies it before any callback sees the batch, and the
-shared step applies it to batches of any other loader.
+``MultiTaskDataModule.on_before_batch_transfer`` applies it before any callback or the step sees the batch
+(with a ``CombinedLoader`` of your own, call it in your DataModule's hook the same way).
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from lightning_mtkd.data.base import EpochShuffleSampler, MultiTaskDataModule, collate_batch
+from lightning_mtkd.data.base import (
+    BatchGathering,
+    EpochShuffleSampler,
+    GatheringDataset,
+    MultiTaskDataModule,
+    collate_batch,
+    fetch_samples,
+)
 
 
 def source_shares(sizes: Mapping[str, int], tau: float) -> dict[str, float]:
@@ -37,7 +44,7 @@ def source_shares(sizes: Mapping[str, int], tau: float) -> dict[str, float]:
     return {name: weight / total for name, weight in weights.items()}
 
 
-class _OwnTask(Dataset):
+class _OwnTask(GatheringDataset):
     """A source data set seen through its place in the combined split: only some targets, offset indices."""
 
     def __init__(self, dataset: Dataset, keep: Sequence[str] | None, offset: int) -> None:
@@ -46,12 +53,8 @@ class _OwnTask(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        getitems = getattr(self.dataset, "__getitems__", None)
-        batch = getitems(list(indices)) if getitems else collate_batch([self.dataset[i] for i in indices])
+    def gather(self, indices: Sequence[int]) -> dict[str, Any]:
+        batch = fetch_samples(self.dataset, indices)
         targets = batch["targets"] if self.keep is None else {k: batch["targets"][k] for k in self.keep}
         # Indices stay unique across the sources of a split (they key the teacher-output cache).
         return {"input": batch["input"], "targets": targets, "index": batch["index"] + self.offset}
@@ -138,7 +141,7 @@ class PerTaskDataModule(MultiTaskDataModule):
             for name, dataset in datasets.items():
                 keep = [name] if self.own_task_only else None
                 if keep is not None:
-                    probe = dataset.__getitems__([0]) if hasattr(dataset, "__getitems__") else dataset[0]
+                    probe = fetch_samples(dataset, [0])
                     if name not in probe["targets"]:
                         raise KeyError(
                             f"source {name!r} has no target named {name!r} (it has {list(probe['targets'])}); name "
@@ -166,7 +169,7 @@ class PerTaskDataModule(MultiTaskDataModule):
         loaders = {}
         for offset, (name, dataset) in enumerate(self.source_splits[split].items()):
             loaders[name] = DataLoader(
-                dataset,
+                BatchGathering(dataset),
                 batch_size=sizes[name],
                 # a pure function of (seed, epoch), as in MultiTaskDataModule: a resumed run sees the same order
                 sampler=EpochShuffleSampler(len(dataset), self.seed + offset) if shuffle else None,  # type: ignore[arg-type]

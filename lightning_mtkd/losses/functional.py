@@ -185,7 +185,9 @@ def attention_transfer_loss(student: Tensor, teacher: Tensor, p: float = 2.0) ->
     return (s - t).pow(2).sum(dim=1).mean()
 
 
-def attention_probability_loss(student: Tensor, teacher: Tensor, loss: AttentionLoss = "kl") -> Tensor:
+def attention_probability_loss(
+    student: Tensor, teacher: Tensor, loss: AttentionLoss = "kl", mask: Tensor | None = None
+) -> Tensor:
     r"""Distance between transformer attention probabilities ``(B, heads, queries, keys)``.
 
     - ``kl`` (MiniLM: Wang et al., *MiniLM: Deep Self-Attention Distillation for Task-Agnostic
@@ -197,7 +199,9 @@ def attention_probability_loss(student: Tensor, teacher: Tensor, loss: Attention
       :class:`torch.nn.MultiheadAttention` returns (TinyBERT fits the scores before the softmax).
 
     When the head counts differ, both sides are averaged over their heads first (an average of
-    attention distributions is one too).
+    attention distributions is one too). ``mask`` (``(B, L)``, true on real tokens: a Hugging Face
+    ``attention_mask``) leaves the rows of padded query tokens out of the mean; their keys already get
+    (almost) no probability from the models themselves.
     """
     if student.dim() != 4 or teacher.dim() != 4:
         raise ValueError(
@@ -212,11 +216,19 @@ def attention_probability_loss(student: Tensor, teacher: Tensor, loss: Attention
             "(B, heads, queries, keys); the paired layers must attend over the same tokens (same patching)."
         )
     if loss == "mse":
-        return F.mse_loss(student, teacher)
-    if loss == "kl":
-        kl = torch.special.xlogy(teacher, teacher) - teacher * torch.log(student.clamp_min(1e-12))
-        return kl.sum(dim=-1).mean()
-    raise ValueError(f"unknown attention loss {loss!r}; use 'kl' or 'mse'.")
+        per_row = (student - teacher).pow(2).mean(dim=-1)
+    elif loss == "kl":
+        per_row = (torch.special.xlogy(teacher, teacher) - teacher * torch.log(student.clamp_min(1e-12))).sum(dim=-1)
+    else:
+        raise ValueError(f"unknown attention loss {loss!r}; use 'kl' or 'mse'.")
+    if mask is None:
+        return per_row.mean()
+    if mask.shape != (per_row.shape[0], per_row.shape[2]):
+        raise ValueError(
+            f"the padding mask has shape {tuple(mask.shape)}, but the attention is over {per_row.shape[2]} queries for "
+            f"a batch of {per_row.shape[0]}; it must be (B, L) over the same tokens."
+        )
+    return masked_mean(per_row, mask.unsqueeze(1).expand_as(per_row))
 
 
 def cosine_distance_map(prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -242,3 +254,38 @@ def cosine_distance(prediction: Tensor, target: Tensor) -> Tensor:
     The unreduced form of :func:`cosine_distance_map` (MTAN's normal loss, Liu et al., CVPR 2019).
     """
     return 1 - F.cosine_similarity(prediction, target, dim=1)
+
+
+def token_feature_distance(
+    student: Tensor, teacher: Tensor, distance: FeatureDistance = "l2", mask: Tensor | None = None
+) -> Tensor:
+    r""":func:`feature_distance` between token sequences ``(B, L, D)``, over the real tokens only.
+
+    Each token's feature is L2-normalised over its width :math:`D`, compared as in :func:`feature_distance`,
+    and averaged over the tokens where ``mask`` (``(B, L)``, true on real tokens; a Hugging Face
+    ``attention_mask``) is set, so padding never counts (all tokens if ``mask`` is ``None``). The
+    transformer form of the normalised hint of Li & Bilen (ECCV-W 2020).
+    """
+    if student.shape != teacher.shape or student.dim() != 3:
+        raise ValueError(
+            f"token features must both be (B, L, D) of one shape, got student {tuple(student.shape)} and teacher "
+            f"{tuple(teacher.shape)}; an adaptor must map the student feature to the teacher's width first."
+        )
+    if distance == "cosine":
+        per_token = 1 - F.cosine_similarity(student, teacher, dim=-1)
+    else:
+        difference = F.normalize(student, dim=-1) - F.normalize(teacher, dim=-1)
+        if distance == "l2":
+            per_token = difference.pow(2).sum(dim=-1)
+        elif distance == "l1":
+            per_token = difference.abs().sum(dim=-1)
+        else:
+            raise ValueError(f"unknown feature distance {distance!r} for token features; use 'l2', 'cosine' or 'l1'.")
+    if mask is None:
+        return per_token.mean()
+    if mask.shape != per_token.shape:
+        raise ValueError(
+            f"the padding mask has shape {tuple(mask.shape)} but the token features are {tuple(student.shape)}; "
+            "the mask must be (B, L) over the same tokens."
+        )
+    return masked_mean(per_token, mask)

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 class Adaptor(nn.Module):
     """A linear map from student to teacher feature space (FitNets regressor; Li & Bilen's task adaptor).
 
-    Vectors ``(B, Cs)`` → ``(B, Ct)`` through ``nn.Linear``; maps ``(B, Cs, H, W)`` → ``(B, Ct, H', W')``
-    through a 1×1 convolution, resized bilinearly when the spatial sizes differ.
+    Vectors ``(B, Cs)`` → ``(B, Ct)`` and token sequences ``(B, L, Ds)`` → ``(B, L, Dt)`` (transformer
+    hidden states: one linear map applied to every token) through ``nn.Linear``; maps ``(B, Cs, H, W)`` →
+    ``(B, Ct, H', W')`` through a 1×1 convolution, resized bilinearly when the spatial sizes differ.
 
     Build it from the two feature shapes seen in a dry run with :meth:`between`, or from a
     checkpoint's tensors with :meth:`from_state`.
@@ -38,12 +39,20 @@ class Adaptor(nn.Module):
     def between(cls, student_shape: Sequence[int], teacher_shape: Sequence[int], name: str = "feature") -> Adaptor:
         """An adaptor for features of these shapes (batch dimension first), or a clear error if none fits."""
         student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
-        if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 4):
+        if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 3, 4):
             raise ValueError(
                 f"{name}: no adaptor maps a student feature of shape {student_shape} to a teacher feature of shape "
-                f"{teacher_shape}. Adaptors bridge vectors (B, C) to vectors and maps (B, C, H, W) to maps; pick "
-                "feature paths of the same kind in both models."
+                f"{teacher_shape}. Adaptors bridge vectors (B, C) to vectors, token sequences (B, L, D) to token "
+                "sequences and maps (B, C, H, W) to maps; pick feature paths of the same kind in both models."
             )
+        if len(student_shape) == 3:
+            if student_shape[1] != teacher_shape[1]:
+                raise ValueError(
+                    f"{name}: the student's feature has {student_shape[1]} tokens and the teacher's {teacher_shape[1]} "
+                    f"(shapes {student_shape} and {teacher_shape}); token features are compared token by token, so "
+                    "both models must see the same tokens (same tokenizer, same patching)."
+                )
+            return cls(student_shape[2], teacher_shape[2])
         return cls(student_shape[1], teacher_shape[1], teacher_shape[2:])
 
     @classmethod

@@ -15,7 +15,8 @@ class MultiTaskNet(RecordsInitArgs, nn.Module):
     Args:
         backbone: Any module mapping the input to ``(B, out_features)``.
         heads: Output width per task, e.g. ``{"left": 10, "right": 10}``.
-        out_features: The backbone's output width; read from ``backbone.out_features`` if omitted.
+        out_features: The backbone's output width; read from ``backbone.out_features`` (ours) or
+            ``backbone.num_features`` (timm's convention) if omitted.
 
     Example:
         >>> import torch
@@ -27,11 +28,13 @@ class MultiTaskNet(RecordsInitArgs, nn.Module):
 
     def __init__(self, backbone: nn.Module, heads: dict[str, int], out_features: int | None = None) -> None:
         super().__init__()
-        width = out_features if out_features is not None else getattr(backbone, "out_features", None)
-        if width is None:
+        width = out_features
+        for attribute in ("out_features", "num_features"):
+            width = width if width is not None else getattr(backbone, attribute, None)
+        if not isinstance(width, int):
             raise ValueError(
                 "MultiTaskNet: cannot tell the backbone's output width; give `out_features` or set "
-                "`backbone.out_features`."
+                "`backbone.out_features` (or timm's `backbone.num_features`)."
             )
         if not heads:
             raise ValueError("MultiTaskNet: `heads` is empty; give one output width per task, e.g. {'left': 10}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -42,10 +43,11 @@ class TaskStudents(RecordsInitArgs, nn.ModuleDict):
         """The tasks the network ``name`` predicts."""
         return self.task_groups[name]
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        # The inputs go to every student as they came: one Tensor, or keyword inputs (input_ids=..., ...).
         merged: dict[str, Tensor] = {}
         for name, student in self.items():
-            output = student(x)
+            output = student(*args, **kwargs)
             tasks = self.task_groups[name]
             if isinstance(output, Tensor):
                 if len(tasks) != 1:

@@ -1,8 +1,9 @@
 """The LightningModules: the shared base and one file per distillation strategy."""
 
+from lightning_mtkd.checkpoints import load_module, load_teacher
 from lightning_mtkd.strategies.adaptive import AdaptiveDistiller
 from lightning_mtkd.strategies.attention import AttentionDistiller, AttentionPair
-from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, MultiTaskModule, load_teacher
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, ModelOutputs, MultiTaskModule, Step
 from lightning_mtkd.strategies.fusion import FusionDistiller
 from lightning_mtkd.strategies.shared import SharedDistiller
 from lightning_mtkd.strategies.task_specific import TaskSpecificDistiller
@@ -13,12 +14,15 @@ __all__ = [
     "AttentionDistiller",
     "AttentionPair",
     "DistillationModule",
+    "FeaturePair",
     "FusionDistiller",
     "ModelOutputs",
     "MultiTaskModule",
     "SharedDistiller",
+    "Step",
     "TaskSpecificDistiller",
     "TransferDistiller",
+    "load_module",
     "load_student",
     "load_teacher",
 ]

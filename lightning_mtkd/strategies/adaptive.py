@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
+from lightning_mtkd.strategies.base import DistillationModule, Step
 from lightning_mtkd.tasks import Task
-from lightning_mtkd.weighting.base import Weighting
 
 
 def teacher_gap(student: Tensor, teacher: Tensor, higher_is_better: bool) -> Tensor:
@@ -70,8 +67,8 @@ class AdaptiveDistiller(DistillationModule):
         min_weight, max_weight: The bounds :math:`0 \le \lambda_{min} \le \lambda_{max}`.
         adaptive_temperature: Let each task's temperature follow its weight.
         min_temperature, max_temperature: Bounds of the adaptive temperature.
-        temperature: The starting temperature ``T``.
-        alpha: Distillation share in [0, 1].
+        **kwargs: Everything else :class:`DistillationModule` takes (``temperature``: the starting ``T``;
+            ``alpha``, ``optimizer``, …).
 
     Example (YAML)::
 
@@ -103,17 +100,9 @@ class AdaptiveDistiller(DistillationModule):
         adaptive_temperature: bool = False,
         min_temperature: float = 1.0,
         max_temperature: float = 8.0,
-        temperature: float = 4.0,
-        alpha: float = 0.5,
-        weighting: Weighting | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: LRSchedulerCallable | None = None,
-        pseudo_label_missing: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            student, teacher, tasks, temperature, alpha, None, weighting, optimizer, scheduler, pseudo_label_missing
-        )
-        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
+        super().__init__(student, teacher, tasks, **kwargs)
         if min_weight < 0 or max_weight < 0:
             raise ValueError(f"KD weight bounds must be >= 0, got min_weight={min_weight}, max_weight={max_weight}.")
         if min_weight > max_weight:
@@ -122,10 +111,10 @@ class AdaptiveDistiller(DistillationModule):
             raise ValueError(f"momentum must lie in [0, 1) (1 would never update), got {momentum}.")
         if not gap_temperature > 0:
             raise ValueError(f"gap_temperature must be > 0, got {gap_temperature}.")
-        if adaptive_temperature and not 0 < min_temperature <= temperature <= max_temperature:
+        if adaptive_temperature and not 0 < min_temperature <= self.temperature <= max_temperature:
             raise ValueError(
                 "adaptive temperature needs 0 < min_temperature <= temperature <= max_temperature, got "
-                f"{min_temperature}, {temperature}, {max_temperature}."
+                f"{min_temperature}, {self.temperature}, {max_temperature}."
             )
         weights = dict(kd_weights or {})
         unknown = [name for name in weights if name not in self.tasks]
@@ -142,24 +131,18 @@ class AdaptiveDistiller(DistillationModule):
         self.register_buffer("initial_kd_weight", initial, persistent=False)
         self.register_buffer("kd_weight", initial.clone())
         self.register_buffer("kd_temperature", torch.full((len(self.tasks),), self.temperature))
-        self._temperatures: list[float] | None = None  # Python floats for the step; refreshed after updates
+        self._temperatures: dict[str, float] | None = None  # Python floats for the step; refreshed after updates
+        self.register_load_state_dict_post_hook(_forget_temperatures)
 
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
+    def distillation_loss(self, step: Step) -> dict[str, Tensor]:
         if self._temperatures is None:  # one host read per update, not per step
-            self._temperatures = self.kd_temperature.tolist()
-        terms = {}
-        for index, (name, task) in enumerate(self.tasks.items()):
-            teacher = self.teacher_for_task(teachers, name)
-            if teacher is not None:
-                loss = task.distillation_loss(student.outputs[name], teacher.outputs[name], self._temperatures[index])
-                terms[f"kd/{name}"] = self.kd_weight[index] * loss
-        return terms
+            self._temperatures = dict(zip(self.tasks, self.kd_temperature.tolist(), strict=True))
+        weights = {name: self.kd_weight[index] for index, name in enumerate(self.tasks)}
+        return self.soft_target_terms(step, temperatures=self._temperatures, weights=weights)
 
     def on_validation_epoch_end(self) -> None:
         # Only while fitting: the sanity check and a stand-alone `validate` must not move the weights.
-        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING or not self._teacher_sources:
+        if self.trainer.sanity_checking or self.trainer.state.fn != TrainerFn.FITTING or not self.teachers.active:
             return
         student, teacher = [], []
         student_metrics: nn.ModuleDict = getattr(self, "val_metrics")  # noqa: B009 - set by name in the base
@@ -191,6 +174,7 @@ class AdaptiveDistiller(DistillationModule):
         self._temperatures = None
         return gaps
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._temperatures = None  # the loaded temperatures replace the cached ones
+
+def _forget_temperatures(module: nn.Module, _keys: Any) -> None:
+    """A ``load_state_dict`` post-hook: the loaded temperatures replace the cached Python floats."""
+    module._temperatures = None  # type: ignore[assignment]

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_mtkd.inputs import padding_mask
 from lightning_mtkd.losses.functional import AttentionLoss, attention_probability_loss, attention_transfer_loss
-from lightning_mtkd.models.hooks import request_attention_weights, resolve_module
-from lightning_mtkd.strategies.base import (
-    TEACHER,
-    DistillationModule,
-    ModelOutputs,
-    _save_config_hparams,
-    teacher_config,
-)
+from lightning_mtkd.models.hooks import attention_kind, resolve_module
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, Step
 from lightning_mtkd.tasks import Task
-from lightning_mtkd.weighting.base import Weighting
+from lightning_mtkd.teachers import TEACHER
 
 AttentionKind = Literal["map", "weights"]
 
@@ -56,11 +50,13 @@ class AttentionDistiller(DistillationModule):
       squared L2, spatial sizes matched by interpolation
       (:func:`~lightning_mtkd.losses.functional.attention_transfer_loss`); channel counts may differ,
       so no adaptor is needed;
-    - ``nn.MultiheadAttention`` layers → their attention probabilities, read by a forward hook that asks
-      the layer for per-head weights (outputs unchanged), compared by MiniLM's KL or TinyBERT's MSE
-      (:func:`~lightning_mtkd.losses.functional.attention_probability_loss`); heads are averaged when
-      the counts differ; the layer map says which teacher layer teaches which student layer when
-      the depths differ.
+    - attention layers → their attention probabilities ``(B, heads, queries, keys)``, compared by MiniLM's
+      KL or TinyBERT's MSE (:func:`~lightning_mtkd.losses.functional.attention_probability_loss`), with
+      padded query tokens (the input's ``attention_mask``) left out; heads are averaged when the counts
+      differ; the layer map says which teacher layer teaches which student layer when the depths differ.
+      Read from ``nn.MultiheadAttention`` (asked for per-head weights; outputs unchanged), timm-style
+      ViT attention (recomputed from its ``qkv`` projection) and Hugging Face attention modules loaded
+      with ``attn_implementation="eager"`` (:mod:`lightning_mtkd.models.hooks`).
 
     Terms are logged as ``attention`` (shared) and ``attention/<task>``; :math:`\beta` is ``attention_weight``.
 
@@ -69,11 +65,13 @@ class AttentionDistiller(DistillationModule):
         teacher: The multi-task teacher: a module or a ``MultiTaskModule`` checkpoint path.
         tasks: The tasks; the teacher must output every one.
         layers: The layer map, e.g. ``[{student: backbone.features.3, teacher: backbone.features.3}]``.
+            ``None`` (the default) maps them from the models themselves (:func:`default_layer_map`): every
+            student attention layer to a teacher attention layer at the same relative depth, or, in conv
+            nets, the last conv layer to the last conv layer.
         attention_weight: :math:`\beta` (0 leaves plain soft-target KD).
         attention_loss: ``kl`` (MiniLM) or ``mse`` (TinyBERT), for transformer attention.
         p: The exponent of the attention-transfer map (2 in the paper).
-        temperature: Soft-target temperature ``T``.
-        alpha: Distillation share in [0, 1].
+        **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``optimizer``, …).
 
     Example (YAML)::
 
@@ -88,29 +86,26 @@ class AttentionDistiller(DistillationModule):
               - {student: backbone.features.7, teacher: backbone.features.7}
     """
 
+    requires_multitask_teacher = True
+
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module | str | None,
         tasks: list[Task],
-        layers: list[AttentionPair],
+        layers: list[AttentionPair] | None = None,
         attention_weight: float = 1.0,
         attention_loss: AttentionLoss = "kl",
         p: float = 2.0,
-        temperature: float = 4.0,
-        alpha: float = 0.5,
-        weighting: Weighting | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: LRSchedulerCallable | None = None,
-        pseudo_label_missing: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            student, teacher, tasks, temperature, alpha, None, weighting, optimizer, scheduler, pseudo_label_missing
-        )
-        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
-        pairs = [pair if isinstance(pair, AttentionPair) else AttentionPair(**pair) for pair in layers]
-        if not pairs:
-            raise ValueError("AttentionDistiller: `layers` is empty; give a {student: .., teacher: ..} pair.")
+        super().__init__(student, teacher, tasks, **kwargs)
+        pairs = [pair if isinstance(pair, AttentionPair) else AttentionPair(**pair) for pair in layers or []]
+        if layers is not None and not pairs:
+            raise ValueError(
+                "AttentionDistiller: `layers` is empty; give a {student: .., teacher: ..} pair, or leave it out to map "
+                "the layers automatically."
+            )
         for pair in pairs:
             if pair.task is not None and pair.task not in self.tasks:
                 raise ValueError(
@@ -126,51 +121,78 @@ class AttentionDistiller(DistillationModule):
         self.attention_loss: AttentionLoss = attention_loss
         self.p = float(p)
         self.kinds: list[AttentionKind] = []
-        self.student_feature_paths = sorted({pair.student for pair in pairs})
-        self.teacher_feature_paths = {TEACHER: sorted({pair.teacher for pair in pairs})}
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if not self._teacher_sources:  # evaluating the student alone
-            return
+    def feature_pairs(self) -> list[FeaturePair]:
+        """Each layer pair, read as attention weights (two attention layers) or as conv maps (two other layers)."""
+        if not self.layers:
+            self.layers = default_layer_map(self.model, self.teacher)
         self.kinds = [self._pair_kind(pair) for pair in self.layers]
+        return [
+            FeaturePair(
+                f"attention/{pair.student}",
+                pair.student,
+                pair.teacher,
+                adapt=False,
+                attention=kind == "weights",
+            )
+            for pair, kind in zip(self.layers, self.kinds, strict=True)
+        ]
 
     def _pair_kind(self, pair: AttentionPair) -> AttentionKind:
-        """``weights`` for two attention layers (asking them for their weights), ``map`` for two other layers."""
         student = resolve_module(self.model, pair.student, owner="student")
         teacher = resolve_module(self.teacher, pair.teacher, owner="teacher")
-        is_attention = (isinstance(student, nn.MultiheadAttention), isinstance(teacher, nn.MultiheadAttention))
+        is_attention = (attention_kind(student) is not None, attention_kind(teacher) is not None)
         if is_attention[0] != is_attention[1]:
             raise ValueError(
                 f"layer map: student {pair.student!r} ({type(student).__name__}) is paired with teacher "
-                f"{pair.teacher!r} ({type(teacher).__name__}); pair nn.MultiheadAttention layers with each other "
+                f"{pair.teacher!r} ({type(teacher).__name__}); pair attention layers with each other "
                 "(transformer attention) and conv layers with each other (attention transfer)."
             )
-        if is_attention[0]:
-            request_attention_weights(student)
-            request_attention_weights(teacher)
-            return "weights"
-        return "map"
+        return "weights" if is_attention[0] else "map"
 
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
-        terms = self.soft_target_terms(student, teachers)
+    def distillation_loss(self, step: Step) -> dict[str, Tensor]:
+        terms = self.soft_target_terms(step)
         if self.attention_weight == 0:
             return terms
-        teacher = teachers[TEACHER]
+        teacher = step.teachers[TEACHER]
+        mask = padding_mask(step.inputs)
         sums: dict[str | None, Tensor] = {}
         for pair, kind in zip(self.layers, self.kinds, strict=True):
-            s = _attention_input(student.features, pair.student, kind, "student")
+            s = _attention_input(step.student.features, pair.student, kind, "student")
             t = _attention_input(teacher.features, pair.teacher, kind, "teacher")
             if kind == "weights":
-                loss = attention_probability_loss(s, t, self.attention_loss)
+                query_mask = mask if mask is not None and mask.shape == (s.shape[0], s.shape[2]) else None
+                loss = attention_probability_loss(s, t, self.attention_loss, query_mask)
             else:
                 loss = attention_transfer_loss(s, t, self.p)
             sums[pair.task] = sums[pair.task] + loss if pair.task in sums else loss
         for task, value in sums.items():
             terms["attention" if task is None else f"attention/{task}"] = self.attention_weight * value
         return terms
+
+
+def default_layer_map(student: nn.Module, teacher: nn.Module) -> list[AttentionPair]:
+    r"""Pair layers by relative depth when no layer map is given.
+
+    Attention layers (``nn.MultiheadAttention``, timm-style, Hugging Face): student layer :math:`i` of
+    :math:`L_s` is taught by teacher layer :math:`\lceil (i+1) L_t / L_s \rceil - 1`, so the last layers
+    meet (the uniform mapping of TinyBERT, Jiao et al. 2020). Without attention layers on both sides:
+    the last ``nn.Conv2d`` of each, by attention transfer (Zagoruyko & Komodakis, 2017).
+    """
+    models = (student, teacher)
+    found = [[name for name, m in model.named_modules() if attention_kind(m) is not None] for model in models]
+    if all(found):
+        students, teachers = found
+        depth = [math.ceil((i + 1) * len(teachers) / len(students)) - 1 for i in range(len(students))]
+        return [AttentionPair(path, teachers[j]) for path, j in zip(students, depth, strict=True)]
+    convs = [[name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)] for model in (student, teacher)]
+    if all(convs):
+        return [AttentionPair(convs[0][-1], convs[1][-1])]
+    raise ValueError(
+        "AttentionDistiller: found no attention layers (nn.MultiheadAttention, timm-style, Hugging Face) or conv "
+        "layers in both the student and the teacher to pair; give `layers`, e.g. "
+        "[{student: <student layer path>, teacher: <teacher layer path>}]."
+    )
 
 
 def _attention_input(features: Mapping[str, Any], path: str, kind: AttentionKind, who: str) -> Tensor:
@@ -181,19 +203,10 @@ def _attention_input(features: Mapping[str, Any], path: str, kind: AttentionKind
             "the model's forward actually calls."
         )
     value = features[path]
-    if kind == "weights":
-        weights = value[1] if isinstance(value, tuple) and len(value) == 2 else None
-        if not isinstance(weights, Tensor) or weights.dim() != 4:
-            raise ValueError(
-                f"{who} attention layer {path!r} yielded no per-head attention weights (got {_describe(weights)}); "
-                "call it batched (batch_first or (L, B, E) inputs) and not through a fused kernel that bypasses "
-                "nn.MultiheadAttention.forward."
-            )
-        return weights
-    if not isinstance(value, Tensor) or value.dim() != 4:
+    if kind == "map" and not (isinstance(value, Tensor) and value.dim() == 4):
         raise ValueError(
             f"{who} layer {path!r} yields no attention map: attention transfer needs a conv feature map "
-            f"(B, C, H, W), got {_describe(value)}. Name a convolutional stage, or an nn.MultiheadAttention layer."
+            f"(B, C, H, W), got {_describe(value)}. Name a convolutional stage, or an attention layer."
         )
     return value
 

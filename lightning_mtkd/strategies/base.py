@@ -1,29 +1,36 @@
-"""The two base LightningModules and the one shared step every strategy goes through.
+r"""The template every strategy fills in: two LightningModules and the one shared step.
 
-``MultiTaskModule`` trains one multi-task network from labels (teachers, scratch baselines).
-``DistillationModule`` adds frozen teacher(s); a strategy overrides :meth:`distillation_loss`
-(and, if it needs trainable adaptors, :meth:`adaptor_specs`) and nothing else.
+``MultiTaskModule`` trains one multi-task network from labels alone (teachers, scratch baselines).
+``DistillationModule`` adds frozen teachers (:class:`~lightning_mtkd.teachers.Teachers`) and the
+hooks a strategy overrides — each of the six overrides at most two:
+
+===========================  ======================================================================
+hook                         what it decides (default)
+===========================  ======================================================================
+``feature_pairs()``          which features the student learns from a teacher's (none)
+``teacher_targets(step)``    the teacher output each task distils (the task's own teacher's)
+``distillation_loss(step)``  the named distillation terms (soft targets per task, plus feature hints)
+``configure_extra_modules``  trainable modules sized from a dry run, e.g. fusion gates (none)
+===========================  ======================================================================
 
 The shared step, in order:
 
-1. teacher outputs and hooked features, under ``torch.inference_mode()`` — before the student,
-   so the allocator reuses the teacher's freed activations (~15% faster on CPU, see
-   ``shared/MEASUREMENTS.md``);
+1. teacher outputs and hooked features, under ``torch.inference_mode()`` — before the student, so
+   the allocator reuses the teacher's freed activations (~15% faster on CPU, measured);
 2. student outputs and hooked features;
-3. per-task supervised losses, masked for missing labels (or, with ``pseudo_label_missing``, with the
-   teacher's prediction standing in for them while training);
-4. ``distillation_loss(...)`` → named terms (``"kd/left"``, ``"hint"``);
-5. the weighting plug-in turns them into the total;
-6. torchmetrics per stage and task, logged as ``stage/task/metric``.
+3. ``teacher_targets`` → the per-task teacher outputs (also the teacher's logged metrics, and the
+   pseudo-labels of ``pseudo_label_missing``);
+4. per-task supervised losses, masked for missing labels;
+5. ``distillation_loss`` → named terms (``"kd/left"``, ``"hint"``);
+6. the weighting plug-in turns them into the total;
+7. torchmetrics per stage and task, logged as ``stage/task/metric``.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import warnings
+import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import lightning as L
@@ -32,28 +39,98 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_mtkd.config import build_module, class_path, hparams_from_locals
-from lightning_mtkd.data.base import merge_task_batches
+from lightning_mtkd.checkpoints import (
+    CLASS_KEY,
+    as_module,
+    check_checkpoint_class,
+    load_teacher,
+    save_init_arguments,
+    upgrade_state_dict,
+)
+from lightning_mtkd.config import build_callable, class_path
+from lightning_mtkd.data.base import is_task_batch_dict
+from lightning_mtkd.data.examples import example_inputs
+from lightning_mtkd.inputs import batch_size, call_model, check_keywords, padding_mask
+from lightning_mtkd.losses.functional import FeatureDistance, feature_distance, token_feature_distance
 from lightning_mtkd.models.adaptors import Adaptor
-from lightning_mtkd.models.hooks import FeatureTap
+from lightning_mtkd.models.deferred import DeferredModules
+from lightning_mtkd.models.hooks import FeatureTap, feature_tensor, find_shared_feature
 from lightning_mtkd.tasks import Task, as_tasks
+from lightning_mtkd.teachers import TEACHER, Teachers
 from lightning_mtkd.weighting.base import StaticWeighting, Weighting
 
 STAGES = ("train", "val", "test")
 
-#: The name under which a single teacher is kept.
-TEACHER = "teacher"
-
-#: What a student's checkpoint records for a teacher that was given as a module (its weights are never saved).
-UNSAVED_TEACHER = "<teacher given as a module: not saved>"
-
 
 @dataclass
 class ModelOutputs:
-    """What one forward pass of a teacher or the student produced."""
+    """What one forward pass of a teacher or the student produced: task outputs and tapped features by path."""
 
     outputs: dict[str, Tensor]
     features: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """What the shared step has computed so far; the strategy hooks read it.
+
+    A hook may add loss terms of its own to ``terms`` (fusion's gate loss) and values to log, averaged
+    over the epoch as ``<stage>/<name>``, to ``logs``.
+    """
+
+    stage: str
+    batch: Mapping[str, Any]
+    student: ModelOutputs
+    teachers: dict[str, ModelOutputs]
+    #: Per task, the teacher output the student distils (``teacher_targets``).
+    targets: dict[str, Tensor] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> Any:
+        return self.batch["input"]
+
+    @property
+    def labels(self) -> Mapping[str, Tensor]:
+        return self.batch["targets"]
+
+
+@dataclass(frozen=True)
+class FeaturePair:
+    """A student feature taught by a teacher feature: both read by forward hooks, by dotted path.
+
+    Args:
+        name: The term's name: ``"hint"`` (shared), ``"feat/<task>"`` (weighted as that task).
+        student: Path in the student; ``None``: the input of its task heads, found by a dry run
+            (:func:`~lightning_mtkd.models.hooks.find_shared_feature`), searched under ``student_root``.
+        teacher_path: Path in the teacher; ``None``: the input of its task heads.
+        teacher: The teacher's name.
+        weight: The term's weight.
+        distance: How adapted student and teacher features are compared.
+        adapt: Bridge them with a trainable :class:`~lightning_mtkd.models.Adaptor` and add the term to the
+            default :meth:`DistillationModule.distillation_loss`; ``False`` only records both features (a
+            strategy compares them itself, as attention distillation does).
+        attention: Record attention weights ``(B, heads, queries, keys)`` rather than the layer's output.
+        student_root: Where to search for ``student=None`` (one network of several, e.g. ``"left"``).
+        adaptor: The adaptor's name in ``module.adaptors`` (default: ``name`` with ``/`` as ``_``).
+    """
+
+    name: str
+    student: str | None = None
+    teacher_path: str | None = None
+    teacher: str = TEACHER
+    weight: float = 1.0
+    distance: FeatureDistance = "l2"
+    adapt: bool = True
+    attention: bool = False
+    student_root: str = ""
+    adaptor: str | None = None
+
+    @property
+    def adaptor_name(self) -> str:
+        # Module names cannot hold '.', and '/' separates a term's kind from its task.
+        return self.adaptor or self.name.replace("/", "_")
 
 
 class TeacherOutputSource(Protocol):
@@ -62,31 +139,6 @@ class TeacherOutputSource(Protocol):
     def teacher_outputs(self, module: DistillationModule, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
         """The teachers' outputs for ``batch``; may call ``module.run_teachers(batch)`` for what it lacks."""
         ...
-
-
-def _save_config_hparams(module: L.LightningModule, local_vars: dict[str, Any]) -> None:
-    """Store hyper-parameters as LightningCLI would (plain config dicts) so checkpoints reload anywhere.
-
-    Under LightningCLI the parsed config is given to ``save_hyperparameters`` already; from Python
-    the constructor's arguments are turned into the same form (see :mod:`lightning_mtkd.config`).
-    """
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    if _given_hyperparameters.get() is not None:
-        module.save_hyperparameters()
-    else:
-        module.save_hyperparameters(hparams_from_locals(module, local_vars))
-
-
-def _as_module(value: nn.Module | dict, role: str) -> nn.Module:
-    if isinstance(value, nn.Module):
-        return value
-    if isinstance(value, dict) and "class_path" in value:
-        return build_module(value)
-    raise ValueError(
-        f"{role}: this checkpoint does not record how to build the {role} (it was a module without a recorded "
-        f"config). Pass it explicitly, e.g. `load_from_checkpoint(path, {role}=my_model)`."
-    )
 
 
 class MultiTaskModule(L.LightningModule):
@@ -98,8 +150,10 @@ class MultiTaskModule(L.LightningModule):
         weighting: How task losses are combined (default :class:`StaticWeighting`, ``Task.weight``).
         optimizer: Optimizer factory, called with the parameter groups.
         scheduler: Optional LR-scheduler factory (stepped per epoch, monitoring ``val/loss``).
+        unpack_inputs: Pass a dict input as keyword arguments (``model(**input)``, as Hugging Face models
+            take ``input_ids``/``attention_mask``) and a tuple as positional ones; ``False`` passes it whole.
 
-    Batches are dicts ``{"input": Tensor, "targets": {task: Tensor}, "index": LongTensor}``.
+    Batches are dicts ``{"input": Tensor or dict/tuple of Tensors, "targets": {task: Tensor}, "index": LongTensor}``.
 
     YAML::
 
@@ -117,28 +171,21 @@ class MultiTaskModule(L.LightningModule):
         weighting: Weighting | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        unpack_inputs: bool = True,
     ) -> None:
         super().__init__()
-        _save_config_hparams(self, locals())
-        self._init_shared(model, tasks, weighting, optimizer, scheduler)
-
-    def _init_shared(
-        self,
-        model: nn.Module | dict,
-        tasks: list[Task],
-        weighting: Weighting | None,
-        optimizer: OptimizerCallable,
-        scheduler: LRSchedulerCallable | None,
-    ) -> None:
+        # Once, for the whole class chain: a strategy's (or a user's subclass's) own arguments included.
+        save_init_arguments(self, inspect.currentframe())
         self.tasks: dict[str, Task] = as_tasks(tasks)
-        self.model = _as_module(model, "model")
-        self.weighting = weighting if weighting is not None else StaticWeighting()
+        self.model = as_module(model, "model")
+        self.weighting = as_module(weighting, "weighting") if weighting is not None else StaticWeighting()
         self.weighting.setup_tasks(self.tasks)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        # None: a checkpoint whose optimizer was a function it could not record (a lambda); needed only to train.
+        self.optimizer_factory = build_callable(optimizer, "optimizer") if optimizer is not None else None
+        self.scheduler_factory = build_callable(scheduler, "scheduler") if scheduler is not None else None
+        self.unpack_inputs = unpack_inputs
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", self._make_metrics(stage))
-        self.student_feature_paths: list[str] = []
         self._student_tap: FeatureTap | None = None
         self._checked_stages: set[str] = set()
 
@@ -151,14 +198,12 @@ class MultiTaskModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------------------ forward passes
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return self.model(x)
+    def forward(self, inputs: Any) -> dict[str, Tensor]:
+        return call_model(self.model, inputs, self.unpack_inputs)
 
-    def student_forward(self, inputs: Tensor) -> ModelOutputs:
+    def student_forward(self, inputs: Any) -> ModelOutputs:
         """The student's outputs (checked against the tasks) and the features its taps recorded."""
-        if self._student_tap is None and self.student_feature_paths:
-            self._student_tap = FeatureTap(self.model, self.student_feature_paths, owner="student")
-        outputs = self._task_outputs(self.model(inputs), "student")
+        outputs = self.task_outputs(self(inputs), "student")
         features = self._student_tap.pop() if self._student_tap is not None else {}
         return ModelOutputs(outputs, features)
 
@@ -166,10 +211,14 @@ class MultiTaskModule(L.LightningModule):
         """Outputs of every teacher, by teacher name; none without a teacher."""
         return {}
 
-    def _task_outputs(self, output: Any, who: str, required: bool = True, task: str | None = None) -> dict[str, Tensor]:
+    def task_outputs(self, output: Any, who: str, required: bool = True, task: str | None = None) -> dict[str, Tensor]:
+        """A model's output as ``{task: Tensor}``; a single-task model named after its task may return a
+        bare Tensor, or a Hugging Face output object whose ``logits`` are the task's."""
+        if isinstance(output, Tensor) and task in self.tasks:
+            return {task: output}
+        if isinstance(output, Mapping) and task in self.tasks and task not in output and "logits" in output:
+            return {task: output["logits"]}
         if isinstance(output, Tensor):
-            if task in self.tasks:  # a single-task teacher named after its task
-                return {task: output}
             raise TypeError(
                 f"{who} returned a bare Tensor of shape {tuple(output.shape)}, but multi-task models must return "
                 f"dict[task_name, Tensor] with keys {list(self.tasks)} (a single-task teacher may return a Tensor if "
@@ -189,24 +238,22 @@ class MultiTaskModule(L.LightningModule):
     # ------------------------------------------------------------------------------ the shared step
     def shared_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Tensor]:
         """One step for any stage; returns ``{"loss": total, **named terms}``."""
-        batch = merge_task_batches(batch, self.tasks)  # one data set per task: a CombinedLoader's dict of batches
-        inputs, targets = self._unpack(batch)
-        teachers = self.teacher_forward(batch)
-        student = self.student_forward(inputs)
+        self._check_batch_contract(batch, stage)
+        step = self.forward_step(batch, stage)
         if stage not in self._checked_stages:
-            self._check_batch(student, teachers, targets)
+            self._check_first_batch(step)
             self._checked_stages.add(stage)
 
         # Losses may train on stand-ins for missing labels (pseudo-labels); metrics always use the real labels.
-        supervised = self.supervision_targets(stage, targets, teachers)
-        task_losses = {
-            name: task.supervised_loss(student.outputs[name], supervised[name]) for name, task in self.tasks.items()
-        }
-        distill_terms = self.distillation_loss(student, teachers, batch) if teachers else {}
-        loss = self.weighting.combine(task_losses, distill_terms, self.distillation_alpha if teachers else 0.0)
+        supervised = self.supervision_targets(step)
+        outputs = step.student.outputs
+        task_losses = {name: task.supervised_loss(outputs[name], supervised[name]) for name, task in self.tasks.items()}
+        distilling = bool(step.teachers)
+        distill_terms = {**self.distillation_loss(step), **step.terms} if distilling else {}
+        loss = self.weighting.combine(task_losses, distill_terms, self.distillation_alpha if distilling else 0.0)
 
-        self._update_metrics(stage, student, teachers, targets)
-        self._log_terms(stage, loss, task_losses, distill_terms, batch_size=inputs.shape[0])
+        self._update_metrics(step)
+        self._log_terms(step, loss, task_losses, distill_terms)
         # Kept for callbacks that act between backward and the optimizer step (NonFiniteLossGuard).
         self.step_terms = {
             "loss": loss,
@@ -215,19 +262,29 @@ class MultiTaskModule(L.LightningModule):
         }
         return self.step_terms
 
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
+    def forward_step(self, batch: Mapping[str, Any], stage: str = "train") -> Step:
+        """The forward half of the shared step: teachers first (see the module docstring), the student, then
+        :meth:`teacher_targets`. Also handy to call a strategy's hooks by hand on one batch."""
+        step = Step(stage, batch, ModelOutputs({}), self.teacher_forward(batch))
+        step.student = self.student_forward(batch["input"])
+        if step.teachers:
+            step.targets = self.teacher_targets(step)
+        return step
+
+    #: The share of the distillation terms; 0 without teachers.
+    distillation_alpha: float = 0.0
+
+    def teacher_targets(self, step: Step) -> dict[str, Tensor]:
+        """Per task, the teacher output the student distils (no teachers here)."""
+        return {}
+
+    def distillation_loss(self, step: Step) -> dict[str, Tensor]:
         """The strategy's hook: named distillation terms (``"kd/<task>"`` per task, ``"<name>"`` shared)."""
         return {}
 
-    distillation_alpha: float = 0.0
-
-    def supervision_targets(
-        self, stage: str, targets: Mapping[str, Tensor], teachers: Mapping[str, ModelOutputs]
-    ) -> Mapping[str, Tensor]:
+    def supervision_targets(self, step: Step) -> Mapping[str, Tensor]:
         """The targets the supervised losses train on (default: the labels as they are)."""
-        return targets
+        return step.labels
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         return self.shared_step(batch, "train")
@@ -238,81 +295,76 @@ class MultiTaskModule(L.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         return self.shared_step(batch, "test")
 
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        inputs = batch["input"] if isinstance(batch, Mapping) else batch
-        return self._task_outputs(self.model(inputs), "student")
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        inputs = batch["input"] if isinstance(batch, Mapping) and "input" in batch else batch
+        return self.task_outputs(self(inputs), "student")
 
     # ------------------------------------------------------------------------------ checks
-    def _unpack(self, batch: Mapping[str, Any]) -> tuple[Tensor, Mapping[str, Tensor]]:
+    def _check_batch_contract(self, batch: Any, stage: str) -> None:
+        if stage in self._checked_stages:
+            return
+        if is_task_batch_dict(batch):
+            raise TypeError(
+                f"the batch is a dict of per-task batches {list(batch)} (a CombinedLoader of one loader per task): "
+                "merge them into one batch first, as PerTaskDataModule does (lightning_mtkd.data.merge_task_batches "
+                "in your DataModule's on_before_batch_transfer)."
+            )
         if not isinstance(batch, Mapping) or "input" not in batch or "targets" not in batch:
             keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise KeyError(
                 f"a batch must be a dict with 'input' and 'targets' (and 'index'); got {keys}. "
                 "Wrap your dataset with lightning_mtkd.data.MultiTaskDataset or return that dict."
             )
-        targets = batch["targets"]
-        missing = [name for name in self.tasks if name not in targets]
+        missing = [name for name in self.tasks if name not in batch["targets"]]
         if missing:
             raise KeyError(
-                f"the batch has no target for task(s) {missing} (it has {list(targets)}). Give every task a target; "
-                "mark a missing label with the task's ignore value (-100, or NaN for regression)."
+                f"the batch has no target for task(s) {missing} (it has {list(batch['targets'])}). Give every task "
+                "a target; mark a missing label with the task's ignore value (-100, or NaN for regression)."
             )
-        return batch["input"], targets
+        if self.unpack_inputs:
+            check_keywords(self.model, batch["input"], "the student")
 
-    def _check_batch(
-        self, student: ModelOutputs, teachers: Mapping[str, ModelOutputs], targets: Mapping[str, Tensor]
-    ) -> None:
+    def _check_first_batch(self, step: Step) -> None:
         """First batch of each stage: labels fit their tasks, and teachers cover what the strategy needs."""
         for name, task in self.tasks.items():
-            task.check_target(student.outputs[name], targets[name])
-        if teachers:
-            self.check_teacher_outputs(teachers)
+            task.check_target(step.student.outputs[name], step.labels[name])
+        if step.teachers:
+            self.check_teacher_outputs(step)
 
-    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
+    def check_teacher_outputs(self, step: Step) -> None:
         """Raise if the teachers' outputs cannot serve this strategy (default: no check)."""
 
     # ------------------------------------------------------------------------------ metrics and logs
-    def _update_metrics(
-        self,
-        stage: str,
-        student: ModelOutputs,
-        teachers: dict[str, ModelOutputs],
-        targets: Mapping[str, Tensor],
-    ) -> None:
-        metrics: nn.ModuleDict = getattr(self, f"{stage}_metrics")
+    def _update_metrics(self, step: Step) -> None:
+        metrics: nn.ModuleDict = getattr(self, f"{step.stage}_metrics")
         for name, task in self.tasks.items():
-            metrics[name].update(*task.metric_inputs(student.outputs[name].detach(), targets[name]))
+            metrics[name].update(*task.metric_inputs(step.student.outputs[name].detach(), step.labels[name]))
             self.log_dict(metrics[name], on_step=False, on_epoch=True)
 
     def _log_terms(
-        self,
-        stage: str,
-        loss: Tensor,
-        task_losses: Mapping[str, Tensor],
-        distill_terms: Mapping[str, Tensor],
-        batch_size: int,
+        self, step: Step, loss: Tensor, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor]
     ) -> None:
+        stage, size = step.stage, batch_size(step.batch)
         on_step = stage == "train"
         # Evaluation losses are averaged over all ranks at epoch end (one reduction, not one per step).
         sync = stage != "train"
-        self.log(
-            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=sync
-        )
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
         named = {f"{stage}/{name}/loss": value for name, value in task_losses.items()}
         for term, value in distill_terms.items():
             kind, _, task = term.partition("/")
             named[f"{stage}/{task}/{kind}" if task else f"{stage}/{kind}"] = value
-        self.log_dict(named, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=sync)
+        named.update({f"{stage}/{name}": value for name, value in step.logs.items()})
+        self.log_dict(named, on_step=False, on_epoch=True, batch_size=size, sync_dist=sync)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CLASS_KEY] = class_path(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        written_by = checkpoint.get("hyper_parameters", {}).get("_class_path")
-        if written_by and not _is_subclass_of(type(self), written_by):
-            raise ValueError(
-                f"this checkpoint was written by {written_by}, but it is being loaded into {class_path(self)}. Load it "
-                f"with the class that wrote it (`{written_by.rsplit('.', 1)[-1]}.load_from_checkpoint`, or the config "
-                "it was trained with), or start a new fit without `ckpt_path`."
-            )
+        check_checkpoint_class(self, checkpoint)
+        upgrade_state_dict(checkpoint)
 
+    # ------------------------------------------------------------------------------ optimisation
     def on_fit_start(self) -> None:
         self.weighting.attach(self)
 
@@ -322,7 +374,6 @@ class MultiTaskModule(L.LightningModule):
         if weights:
             self.log_dict({f"train/{task}/weight": w for task, w in weights.items()})
 
-    # ------------------------------------------------------------------------------ optimisation
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameter groups: the model, then any trainable weighting state."""
         groups = [{"params": list(self.model.parameters()), "name": "model"}]
@@ -332,6 +383,11 @@ class MultiTaskModule(L.LightningModule):
         return groups
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "this module was loaded from a checkpoint whose optimizer could not be recorded (a lambda or local "
+                "function); pass `optimizer=` (e.g. functools.partial(torch.optim.Adam, lr=1e-3)) to train it."
+            )
         optimizer = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
@@ -342,25 +398,25 @@ class MultiTaskModule(L.LightningModule):
 class DistillationModule(MultiTaskModule):
     """Multi-task training with frozen teacher(s): the shared step every distillation strategy uses.
 
-    Teacher hygiene lives here, once: teachers are frozen (``requires_grad=False``), in eval mode
-    whatever ``train()`` is called with, run under ``torch.inference_mode()``, not in the optimizer
-    and not in the checkpoint — they are kept outside the module tree (moved along with it by
-    :meth:`_apply`) and reloaded from their own checkpoint path. A teacher's per-task metrics are
-    logged beside the student's in every validation and test epoch (``val/left/teacher_acc``),
-    from the outputs the step computes anyway.
+    Teacher hygiene lives in :class:`~lightning_mtkd.teachers.Teachers`: frozen, in eval mode whatever
+    ``train()`` is called with, run under ``torch.inference_mode()``, not in the optimizer and not in
+    the checkpoint (reloaded from its own path). A teacher's per-task metrics are logged beside the
+    student's in every validation and test epoch (``val/left/teacher_acc``), from the outputs the step
+    computes anyway. A student checkpoint validates, tests and predicts without its teachers.
 
-    By default the distillation term is per-task soft-target KD (Hinton et al., 2015) from each
-    task's teacher; strategies override :meth:`distillation_loss` and :meth:`adaptor_specs`.
+    By default the distillation term is per-task soft-target KD (Hinton et al., 2015) from each task's
+    teacher, plus the strategy's feature hints (:meth:`feature_pairs`).
 
     Args:
         student: The network being trained; forward returns ``{task: Tensor}``.
-        teacher: A module, a path to a ``MultiTaskModule`` checkpoint, or a dict ``{name: module or path}``
+        teacher: A module, a path to a lightning-mtkd checkpoint, or a dict ``{name: module or path}``
             of several teachers (a single-task teacher named after its task may return a bare Tensor).
         tasks: The tasks.
         temperature: Softmax temperature ``T`` of the soft targets (> 0).
         alpha: Weight of distillation against supervision, in [0, 1]:
             ``(1 - alpha) · task loss + alpha · distillation terms``.
-        adaptor_lr: Learning rate of the adaptors' parameter group (the optimizer's own if ``None``).
+        adaptor_lr: Learning rate of the adaptors' (and other strategy modules') parameter group (the
+            optimizer's own if ``None``).
         weighting: Task-weighting plug-in.
         optimizer: Optimizer factory, called with the parameter groups.
         scheduler: Optional LR-scheduler factory.
@@ -368,7 +424,11 @@ class DistillationModule(MultiTaskModule):
             argmax, ``sigmoid > 0.5``, or its value) stand in for each missing label in the supervised
             losses, so unlabelled samples also get a hard target. Metrics keep the real labels only;
             evaluation is unchanged. Every strategy accepts it.
+        unpack_inputs: Pass a dict input as keyword arguments to student and teachers (see ``MultiTaskModule``).
     """
+
+    #: Strategies that distil every task from one multi-task teacher (named ``TEACHER``) set this.
+    requires_multitask_teacher: bool = False
 
     def __init__(
         self,
@@ -382,19 +442,9 @@ class DistillationModule(MultiTaskModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
         pseudo_label_missing: bool = False,
+        unpack_inputs: bool = True,
     ) -> None:
-        super().__init__(student, tasks, weighting, optimizer, scheduler)
-        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
-        self._init_distillation(teacher, temperature, alpha, adaptor_lr, pseudo_label_missing)
-
-    def _init_distillation(
-        self,
-        teacher: nn.Module | str | dict[str, nn.Module | str | None] | None,
-        temperature: float,
-        alpha: float,
-        adaptor_lr: float | None,
-        pseudo_label_missing: bool = False,
-    ) -> None:
+        super().__init__(student, tasks, weighting, optimizer, scheduler, unpack_inputs)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (soft targets are softmax(z / T)), got {temperature}.")
         if not 0.0 <= alpha <= 1.0:
@@ -407,352 +457,274 @@ class DistillationModule(MultiTaskModule):
         self.distillation_alpha = float(alpha)
         self.pseudo_label_missing = pseudo_label_missing
         self.adaptor_lr = adaptor_lr
-        if isinstance(teacher, dict) and not teacher:
-            raise ValueError("no teacher given: pass `teacher=` (a module, a checkpoint path, or a dict of them).")
-        # None: loaded from a checkpoint whose teacher was a module; needed only to train or evaluate against it.
-        sources = teacher if isinstance(teacher, dict) else {TEACHER: teacher}
-        for name, source in sources.items():
-            if isinstance(source, str) and not source:
-                raise ValueError(f"teacher {name!r}: empty checkpoint path.")
-        # Plain dict attributes: not submodules, so never in state_dict(), parameters() or DDP's sync.
-        self._teacher_sources: dict[str, nn.Module | str | None] = dict(sources)
-        self._teachers: dict[str, nn.Module] = {}
-        self._teacher_taps: dict[str, FeatureTap] = {}
-        self._use_teachers = True  # set per stage by setup()
-        self.teacher_feature_paths: dict[str, list[str]] = {}
-        self.adaptors = nn.ModuleDict()
+        # A plain attribute, not a submodule: never in state_dict(), parameters() or DDP's sync.
+        self.teachers = Teachers(teacher, load_teacher)
+        #: Adaptors, one per feature pair that needs one; sized by a dry run at setup.
+        self.adaptors = DeferredModules(Adaptor)
+        #: Other modules a strategy trains (``configure_extra_modules``), sized by the same dry run.
+        self.extras = DeferredModules()
+        self._pairs: list[FeaturePair] = []
         for stage in ("val", "test"):
             setattr(self, f"{stage}_teacher_metrics", self._make_metrics(stage, who="teacher_"))
 
-    # ------------------------------------------------------------------------------ teachers
-    @property
-    def teachers(self) -> dict[str, nn.Module]:
-        """The frozen teachers by name, loaded (from checkpoint paths) on first use."""
-        for name, source in self._teacher_sources.items():
-            if name not in self._teachers:
-                self._teachers[name] = self._prepare_teacher(name, source)
-        return self._teachers
+    # ------------------------------------------------------------------------------ the strategy hooks
+    def feature_pairs(self) -> list[FeaturePair]:
+        """The features the student learns from the teachers' (none by default)."""
+        return []
 
-    @property
-    def teacher(self) -> nn.Module:
-        """The single teacher (strategies with one teacher)."""
-        return self.teachers[TEACHER]
-
-    def _prepare_teacher(self, name: str, source: nn.Module | str | None) -> nn.Module:
-        if source is None or source == UNSAVED_TEACHER:
-            raise RuntimeError(
-                f"teacher {name!r} is not available: this module was loaded from a checkpoint of a teacher given as "
-                "a module. Pass `teacher=` (a module or checkpoint path) to train or evaluate against it."
-            )
-        module = load_teacher(source, name) if isinstance(source, str) else source
-        module.eval()
-        module.requires_grad_(False)
-        try:
-            device = next(self.model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
-        return module.to(device)
-
-    def train(self, mode: bool = True) -> DistillationModule:
-        super().train(mode)
-        for teacher in self._teachers.values():  # teachers never leave eval mode
-            teacher.eval()
-        return self
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
-        super()._apply(fn, *args, **kwargs)
-        for teacher in self._teachers.values():  # move along with the module (.to(), .cuda(), .half())
-            teacher._apply(fn, *args, **kwargs)
-        return self
-
-    #: Where teacher outputs may come from instead of a forward pass: set by the
-    #: :class:`~lightning_mtkd.callbacks.TeacherCache` callback; ``None`` runs the teachers every step.
-    teacher_cache: TeacherOutputSource | None = None
-
-    def teacher_forward(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
-        """Every teacher's outputs and tapped features: from the teacher cache if one is attached, else computed."""
-        if self.teacher_cache is not None:
-            return self.teacher_cache.teacher_outputs(self, batch)
-        return self.run_teachers(batch)
-
-    def run_teachers(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
-        """Every teacher's outputs and tapped features, computed under ``torch.inference_mode()``."""
-        results: dict[str, ModelOutputs] = {}
-        if not self._use_teachers:
-            return results
-        with torch.inference_mode():
-            raw = {
-                name: (teacher(batch["input"]), self._pop_teacher_features(name))
-                for name, teacher in self.teachers.items()
-            }
-        for name, (output, features) in raw.items():
-            # Inference tensors cannot be saved for backward; a clone outside inference mode can (cheap:
-            # logits and a few feature maps).
-            outputs = self._task_outputs(output, f"teacher {name!r}", required=False, task=name)
-            results[name] = ModelOutputs(_clone_tree(outputs), _clone_tree(features))
-        return results
-
-    def _pop_teacher_features(self, name: str) -> dict[str, Any]:
-        tap = self._teacher_taps.get(name)
-        return tap.pop() if tap is not None else {}
-
-    #: Strategies that distil every task from one multi-task teacher (named ``TEACHER``) set this.
-    requires_multitask_teacher: bool = False
-
-    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
-        """Every task must be output by at least one teacher (by *the* teacher if one multi-task teacher is needed)."""
-        if self.requires_multitask_teacher:
-            produced = list(teachers[TEACHER].outputs)
-            missing = [name for name in self.tasks if name not in produced]
-            if missing:
-                raise KeyError(
-                    f"the teacher outputs no {missing} (it outputs {produced}). {type(self).__name__} needs a "
-                    "multi-task teacher trained on every task in `tasks`."
-                )
-            return
+    def teacher_targets(self, step: Step) -> dict[str, Tensor]:
+        """Per task, the output of the teacher that covers it (:meth:`teacher_for_task`)."""
+        targets = {}
         for name in self.tasks:
-            if self.teacher_for_task(teachers, name) is None:
-                produced = {teacher: list(out.outputs) for teacher, out in teachers.items()}
-                raise KeyError(
-                    f"no teacher outputs task {name!r} (teachers output {produced}). Use a teacher trained on "
-                    f"{name!r}, or remove the task from `tasks`."
-                )
+            teacher = self.teacher_for_task(step.teachers, name)
+            if teacher is not None:
+                targets[name] = teacher.outputs[name]
+        return targets
 
+    def distillation_loss(self, step: Step) -> dict[str, Tensor]:
+        """Soft targets per task (:meth:`soft_target_terms`) plus the feature hints (:meth:`hint_terms`)."""
+        return {**self.soft_target_terms(step), **self.hint_terms(step)}
+
+    def configure_extra_modules(self, dry_run: Step) -> dict[str, nn.Module]:
+        """Trainable modules sized from a dry run on two example inputs (none by default).
+
+        Called once at setup when ``extras`` is still empty; the modules go to ``self.extras`` and train in
+        the adaptors' parameter group (``adaptor_lr``). Each needs a ``from_state(state_dict, prefix)``
+        classmethod, so a checkpoint alone rebuilds it.
+        """
+        return {}
+
+    # ------------------------------------------------------------------------------ building blocks for hooks
     def teacher_for_task(self, teachers: Mapping[str, ModelOutputs], task: str) -> ModelOutputs | None:
         """The outputs of the teacher that covers ``task``: the one named after it, else the first that outputs it."""
         if task in teachers and task in teachers[task].outputs:
             return teachers[task]
         return next((out for out in teachers.values() if task in out.outputs), None)
 
-    def supervision_targets(
-        self, stage: str, targets: Mapping[str, Tensor], teachers: Mapping[str, ModelOutputs]
-    ) -> Mapping[str, Tensor]:
-        r"""With ``pseudo_label_missing``, while training: each task's missing labels replaced by its teacher's
-        pseudo-label (:meth:`Task.fill_missing`), so the supervised loss of task :math:`t` is
+    def soft_target_terms(
+        self,
+        step: Step,
+        temperatures: Mapping[str, float] | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """``{"kd/<task>": weight · soft-target loss}`` for every task that has a teacher target."""
+        terms = {}
+        for name, target in step.targets.items():
+            temperature = temperatures[name] if temperatures is not None else self.temperature
+            loss = self.tasks[name].distillation_loss(step.student.outputs[name], target, temperature)
+            terms[f"kd/{name}"] = loss if weights is None else weights[name] * loss
+        return terms
+
+    def hint_terms(self, step: Step) -> dict[str, Tensor]:
+        r"""``{pair.name: weight · d(A(f^s), f^t)}`` for every adapted feature pair (FitNets, Romero et al.,
+        ICLR 2015, on normalised features as in Li & Bilen, ECCV-W 2020); token features compare real tokens only."""
+        terms = {}
+        # Resolved at setup; before it (a hook called by hand) the pairs whose paths are given.
+        pairs = self._pairs or [p for p in self.feature_pairs() if p.student and p.teacher_path]
+        for pair in pairs:
+            if not pair.adapt:
+                continue
+            assert pair.student is not None and pair.teacher_path is not None
+            student = self.adaptors[pair.adaptor_name](
+                feature_tensor(step.student.features[pair.student], pair.student)
+            )
+            teacher = feature_tensor(step.teachers[pair.teacher].features[pair.teacher_path], pair.teacher_path)
+            if student.dim() == 3:
+                distance = token_feature_distance(student, teacher, pair.distance, _token_mask(step, student))
+            else:
+                distance = feature_distance(student, teacher, pair.distance)
+            terms[pair.name] = pair.weight * distance
+        return terms
+
+    # ------------------------------------------------------------------------------ teachers in the step
+    #: Where teacher outputs may come from instead of a forward pass: set by the
+    #: :class:`~lightning_mtkd.callbacks.TeacherCache` callback; ``None`` runs the teachers every step.
+    teacher_cache: TeacherOutputSource | None = None
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The single teacher (strategies with one teacher)."""
+        return self.teachers[TEACHER]
+
+    def teacher_forward(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
+        """Every teacher's outputs and tapped features: from the teacher cache if one is attached, else computed."""
+        if not self.teachers.active:
+            return {}
+        if self.teacher_cache is not None:
+            return self.teacher_cache.teacher_outputs(self, batch)
+        return self.run_teachers(batch)
+
+    def run_teachers(self, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
+        """Every teacher's outputs and tapped features, computed under ``torch.inference_mode()``."""
+        if not self.teachers.active:
+            return {}
+        raw = self.teachers.run(batch["input"], self.unpack_inputs)
+        return {
+            name: ModelOutputs(self.task_outputs(output, f"teacher {name!r}", required=False, task=name), features)
+            for name, (output, features) in raw.items()
+        }
+
+    def supervision_targets(self, step: Step) -> Mapping[str, Tensor]:
+        r"""With ``pseudo_label_missing``, while training: each task's missing labels replaced by its teacher
+        target's pseudo-label (:meth:`Task.fill_missing`), so the supervised loss of task :math:`t` is
 
         .. math::
             \mathcal{L}^{sup}_t = \frac{1}{B}\sum_b \ell\big(z^s_{tb},\ y_{tb}\ \text{if present, else}\
             \hat y(z^{\tau(t)}_{tb})\big)
 
-        with :math:`\tau(t)` the task's teacher (:meth:`teacher_for_task`). Without the flag, outside
+        with :math:`z^{\tau(t)}` the task's teacher target (:meth:`teacher_targets`). Without the flag, outside
         training, or without teachers (a student evaluated alone) the labels are returned unchanged.
         """
-        if not (self.pseudo_label_missing and stage == "train" and teachers):
-            return targets
-        filled = dict(targets)
-        for name, task in self.tasks.items():
-            teacher = self.teacher_for_task(teachers, name)
-            if teacher is not None:
-                filled[name] = task.fill_missing(targets[name], teacher.outputs[name])
+        if not (self.pseudo_label_missing and step.stage == "train" and step.targets):
+            return step.labels
+        filled = dict(step.labels)
+        for name, target in step.targets.items():
+            filled[name] = self.tasks[name].fill_missing(step.labels[name], target)
         return filled
 
-    # ------------------------------------------------------------------------------ the strategy hooks
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
-        return self.soft_target_terms(student, teachers)
-
-    def soft_target_terms(self, student: ModelOutputs, teachers: Mapping[str, ModelOutputs]) -> dict[str, Tensor]:
-        """``{"kd/<task>": soft-target loss}`` for every task some teacher covers."""
-        terms = {}
-        for name, task in self.tasks.items():
-            teacher = self.teacher_for_task(teachers, name)
-            if teacher is not None:
-                terms[f"kd/{name}"] = task.distillation_loss(
-                    student.outputs[name], teacher.outputs[name], self.temperature
+    def check_teacher_outputs(self, step: Step) -> None:
+        """Every task must have a teacher target (from *the* teacher if one multi-task teacher is needed)."""
+        if self.unpack_inputs:
+            for name, teacher in self.teachers.modules().items():
+                check_keywords(teacher, step.inputs, f"teacher {name!r}")
+        produced = {name: list(out.outputs) for name, out in step.teachers.items()}
+        if self.requires_multitask_teacher:
+            missing = [name for name in self.tasks if name not in produced[TEACHER]]
+            if missing:
+                raise KeyError(
+                    f"the teacher outputs no {missing} (it outputs {produced[TEACHER]}). {type(self).__name__} needs a "
+                    "multi-task teacher trained on every task in `tasks`."
                 )
-        return terms
-
-    def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
-        """Adaptors to build: ``{adaptor_name: (student_feature_path, teacher_name, teacher_feature_path)}``.
-
-        Each is sized from a dry run at ``setup`` and trained in its own parameter group.
-        """
-        return {}
+        for name in self.tasks:
+            if name not in step.targets:
+                raise KeyError(
+                    f"no teacher outputs task {name!r} (teachers output {produced}). Use a teacher trained on "
+                    f"{name!r}, or remove the task from `tasks`."
+                )
+        for name, outputs in produced.items():
+            if len(produced) > 1 and not any(task in outputs for task in self.tasks):
+                raise KeyError(
+                    f"teacher {name!r} outputs {outputs}, none of the tasks {list(self.tasks)}: it would teach "
+                    "nothing. Drop it, or name a single-task teacher after the task it was trained on."
+                )
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        # Fitting needs the teachers (a missing one is an error); evaluating uses them when they are there:
-        # a student checkpoint tests and predicts on its own.
-        self._use_teachers = stage == "fit" or (stage in ("validate", "test") and self._teachers_loadable())
-        if not self._use_teachers:
+        # Fitting needs the teachers (a missing one is an error); evaluating uses them when they are all there,
+        # so a student checkpoint validates and tests on its own; predicting never needs them.
+        if stage == "predict" or not self.teachers.activate(needed=stage == "fit"):
+            self.teachers.active = False
             return
-        specs = self.adaptor_specs()
-        # Paths a strategy asked for itself (attention maps) plus those its adaptors read.
-        self.student_feature_paths = sorted({*self.student_feature_paths, *(path for path, _, _ in specs.values())})
-        for name, paths in self._teacher_paths(specs).items():
-            if name not in self._teacher_taps:
-                self._teacher_taps[name] = FeatureTap(self.teachers[name], paths, owner=f"teacher {name!r}")
-        missing = [name for name in specs if name not in self.adaptors]
-        if missing:
-            self._build_adaptors(missing, specs)
+        pairs = self.feature_pairs()
+        example = None
+        if any(p.student is None or p.teacher_path is None for p in pairs):
+            example = example_inputs(self, stage)
+            found: dict[tuple[str, str], str] = {}  # one search per network, however many pairs read it
+            pairs = [self._resolve(pair, example, found) for pair in pairs]
+        self._pairs = pairs
+        self._install_taps(pairs)
+        needs_adaptors = any(p.adapt and p.adaptor_name not in self.adaptors for p in pairs)
+        wants_extras = type(self).configure_extra_modules is not DistillationModule.configure_extra_modules
+        if needs_adaptors or (wants_extras and not len(self.extras)):
+            self._build_from_dry_run(example if example is not None else example_inputs(self, stage))
 
-    def _teacher_paths(self, specs: Mapping[str, tuple[str, str, str]]) -> dict[str, list[str]]:
-        paths: dict[str, list[str]] = {name: list(extra) for name, extra in self.teacher_feature_paths.items()}
-        for _, teacher, teacher_path in specs.values():
-            if teacher not in self._teacher_sources:
-                raise KeyError(
-                    f"adaptor refers to teacher {teacher!r}, but the teachers are {list(self._teacher_sources)}."
-                )
-            paths.setdefault(teacher, []).append(teacher_path)
-        return paths
+    def _resolve(self, pair: FeaturePair, example: Any, found: dict[tuple[str, str], str]) -> FeaturePair:
+        """Fill in the paths left to be found: the input of the task heads (:func:`find_shared_feature`)."""
+        student, teacher_path = pair.student, pair.teacher_path
+        if student is None:
+            key = ("student", pair.student_root)
+            if key not in found:
+                root = self.model.get_submodule(pair.student_root) if pair.student_root else self.model
+                found[key] = find_shared_feature(root, example, self.unpack_inputs, owner=f"student ({pair.name})")
+            student = f"{pair.student_root}.{found[key]}" if pair.student_root else found[key]
+        if teacher_path is None:
+            key = ("teacher", pair.teacher)
+            if key not in found:
+                owner = f"teacher {pair.teacher!r}"
+                found[key] = find_shared_feature(self.teachers[pair.teacher], example, self.unpack_inputs, owner=owner)
+            teacher_path = found[key]
+        return replace(pair, student=student, teacher_path=teacher_path)
 
-    def _teachers_loadable(self) -> bool:
-        for name, source in self._teacher_sources.items():
-            if source is None or source == UNSAVED_TEACHER or (isinstance(source, str) and not os.path.exists(source)):
-                warnings.warn(
-                    f"teacher {name!r} is not available ({source!r}); evaluating the student alone.", stacklevel=2
-                )
-                return False
-        return True
+    def _install_taps(self, pairs: list[FeaturePair]) -> None:
+        student_paths = sorted({p.student for p in pairs if not p.attention})  # type: ignore[type-var]
+        student_attention = sorted({p.student for p in pairs if p.attention})  # type: ignore[type-var]
+        if self._student_tap is None and (student_paths or student_attention):
+            self._student_tap = FeatureTap(self.model, student_paths, "student", student_attention)  # type: ignore[arg-type]
+        for name in self.teachers.names:
+            mine = [p for p in pairs if p.teacher == name]
+            paths = sorted({p.teacher_path for p in mine if not p.attention})  # type: ignore[type-var]
+            attention = sorted({p.teacher_path for p in mine if p.attention})  # type: ignore[type-var]
+            if paths or attention:
+                self.teachers.tap(name, paths, attention)  # type: ignore[arg-type]
 
-    def _build_adaptors(self, names: list[str], specs: Mapping[str, tuple[str, str, str]]) -> None:
-        """Size adaptors from one dry run of the student and the teachers on two example inputs."""
-        example = self._example_input()
+    def _build_from_dry_run(self, example: Any) -> None:
+        """Size the adaptors and the strategy's extra modules from one forward pass on two example inputs."""
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            student = self.student_forward(example)
-            teachers = self.teacher_forward({"input": example})
+            dry_run = Step(
+                "dry_run", {"input": example}, self.student_forward(example), self.run_teachers({"input": example})
+            )
         self.model.train(was_training)
-        for name in names:
-            student_path, teacher, teacher_path = specs[name]
-            self.adaptors[name] = Adaptor.between(
-                _feature_tensor(student.features[student_path]).shape,
-                _feature_tensor(teachers[teacher].features[teacher_path]).shape,
-                name=f"adaptor {name!r} (student {student_path!r} → teacher {teacher!r} {teacher_path!r})",
-            ).to(example.device)
-
-    def _example_input(self) -> Tensor:
-        if isinstance(self.example_input_array, Tensor):
-            example = self.example_input_array
-        else:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None:
-                raise RuntimeError(
-                    "adaptors are sized from a dry run on an example input: use a LightningDataModule, or set "
-                    "`module.example_input_array` to a batch of inputs before fitting."
+        device = self.device
+        for pair in self._pairs:
+            name = pair.adaptor_name
+            if pair.adapt and name not in self.adaptors:
+                assert pair.student is not None and pair.teacher_path is not None
+                student = feature_tensor(dry_run.student.features[pair.student], pair.student, "student")
+                teacher = feature_tensor(
+                    dry_run.teachers[pair.teacher].features[pair.teacher_path],
+                    pair.teacher_path,
+                    f"teacher {pair.teacher!r}",
                 )
-            batch = next(iter(datamodule.train_dataloader()))
-            batch = batch[0] if isinstance(batch, tuple) else batch  # a CombinedLoader yields (batch, idx, loader)
-            example = merge_task_batches(batch, self.tasks)["input"]
-        device = next(self.model.parameters()).device
-        return example[:2].to(device)
+                self.adaptors[name] = Adaptor.between(
+                    student.shape,
+                    teacher.shape,
+                    name=f"adaptor {name!r} (student {pair.student!r} → teacher {pair.teacher!r} "
+                    f"{pair.teacher_path!r})",
+                ).to(device)
+        if not len(self.extras):
+            for name, module in self.configure_extra_modules(dry_run).items():
+                self.extras[name] = module.to(device)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-        # Adaptors are sized by a dry run when fitting; a state dict alone (load_from_checkpoint, the weights
-        # ddp_spawn hands back to the main process) rebuilds any that this module has not built yet.
-        for key in state_dict:
-            if key.startswith("adaptors.") and key.endswith(".proj.weight"):
-                name = key[len("adaptors.") : -len(".proj.weight")]
-                if name not in self.adaptors:
-                    self.adaptors[name] = Adaptor.from_state(dict(state_dict), f"adaptors.{name}.")
-        return super().load_state_dict(state_dict, *args, **kwargs)
+    # ------------------------------------------------------------------------------ teacher hygiene
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        self.teachers.eval()  # teachers never leave eval mode
+        return self
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
+        super()._apply(fn, *args, **kwargs)
+        self.teachers.apply(fn)  # move along with the module (.to(), .cuda(), .half())
+        return self
 
     # ------------------------------------------------------------------------------ optimisation, metrics
     def param_groups(self) -> list[dict[str, Any]]:
         groups = super().param_groups()
-        adaptor_params = list(self.adaptors.parameters())
-        if adaptor_params:
-            group: dict[str, Any] = {"params": adaptor_params, "name": "adaptors"}
+        trained = [*self.adaptors.parameters(), *self.extras.parameters()]
+        if trained:
+            group: dict[str, Any] = {"params": trained, "name": "adaptors"}
             if self.adaptor_lr is not None:
                 group["lr"] = self.adaptor_lr
             groups.append(group)
         return groups
 
-    def _update_metrics(
-        self,
-        stage: str,
-        student: ModelOutputs,
-        teachers: dict[str, ModelOutputs],
-        targets: Mapping[str, Tensor],
-    ) -> None:
-        super()._update_metrics(stage, student, teachers, targets)
-        if stage == "train" or not teachers:
+    def _update_metrics(self, step: Step) -> None:
+        super()._update_metrics(step)
+        if step.stage == "train" or not step.targets:
             return
-        metrics: nn.ModuleDict = getattr(self, f"{stage}_teacher_metrics")
-        for name, task in self.tasks.items():
-            teacher = self.teacher_for_task(teachers, name)
-            if teacher is not None:
-                metrics[name].update(*task.metric_inputs(teacher.outputs[name], targets[name]))
-                self.log_dict(metrics[name], on_step=False, on_epoch=True)
+        metrics: nn.ModuleDict = getattr(self, f"{step.stage}_teacher_metrics")
+        for name, target in step.targets.items():
+            metrics[name].update(*self.tasks[name].metric_inputs(target, step.labels[name]))
+            self.log_dict(metrics[name], on_step=False, on_epoch=True)
+
+
+def _token_mask(step: Step, feature: Tensor) -> Tensor | None:
+    mask = padding_mask(step.inputs)
+    return mask if mask is not None and mask.shape == feature.shape[:2] else None
 
 
 def check_hint(hint_weight: float, student_feature: str | None, teacher_feature: str | None) -> None:
     """Validate a strategy's feature-hint settings (shared by the strategies that have a hint term)."""
     if hint_weight < 0:
         raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
-    if hint_weight > 0 and not (student_feature and teacher_feature):
-        raise ValueError("the hint needs `student_feature` and `teacher_feature` paths (or set hint_weight=0).")
-
-
-def teacher_config(teacher: Any) -> Any:
-    """A teacher as stored in hyper-parameters: checkpoint paths kept, modules dropped.
-
-    A module's weights must never enter the student's checkpoint, and rebuilding its architecture
-    alone would give a random teacher, so a teacher given as a module is recorded as :data:`UNSAVED_TEACHER`
-    (not ``None``: jsonargparse treats a null required argument as missing when the checkpoint reloads).
-    """
-    if isinstance(teacher, dict):
-        return {name: teacher_config(value) for name, value in teacher.items()}
-    return teacher if isinstance(teacher, str) else UNSAVED_TEACHER
-
-
-def load_module(path: str, role: str = "checkpoint") -> MultiTaskModule:
-    """The lightning-mtkd module saved at ``path`` (its own class, hyper-parameters and weights; no teacher loaded).
-
-    Loads through the class recorded in the checkpoint: Lightning filters hyper-parameters by the
-    signature of the class it is called on, so ``MultiTaskModule.load_from_checkpoint`` would drop a
-    strategy's own arguments.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{role}: checkpoint {path!r} does not exist. Train it first (e.g. "
-            "`lightning-mtkd fit --config configs/multimnist/teacher.yaml`) or fix the path."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    recorded = checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if "state_dict" not in checkpoint or recorded is None:
-        raise ValueError(
-            f"{role}: {path!r} is not a lightning-mtkd checkpoint (no state_dict or module class); give a "
-            "checkpoint written by MultiTaskModule or a distillation strategy, or pass the network as a module."
-        )
-    module_path, _, name = recorded.rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, MultiTaskModule)):
-        raise ValueError(f"{role}: {path!r} records class {recorded!r}, which is not a lightning-mtkd module.")
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-
-
-def load_teacher(path: str, name: str = TEACHER) -> nn.Module:
-    """The network inside a ``MultiTaskModule`` (or distilled student) checkpoint, to be frozen for teaching."""
-    return load_module(path, role=f"teacher {name!r}").model
-
-
-def _is_subclass_of(cls: type, path: str) -> bool:
-    """Whether ``cls`` is the class recorded at ``path`` (any import path of it) or a user's subclass of it.
-
-    A checkpoint of a base module (a teacher or scratch run) does not resume into a distillation strategy.
-    """
-    module_path, _, name = path.rpartition(".")
-    try:
-        recorded = getattr(importlib.import_module(module_path), name)
-    except (ImportError, AttributeError, ValueError):
-        return False
-    if recorded in (MultiTaskModule, DistillationModule):
-        return cls is recorded
-    return isinstance(recorded, type) and issubclass(cls, recorded)
-
-
-def _feature_tensor(feature: Any) -> Tensor:
-    return feature[0] if isinstance(feature, (tuple, list)) else feature
-
-
-def _clone_tree(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _clone_tree(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone_tree(v) for v in value)
-    return value

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_mtkd.losses.functional import FeatureDistance, feature_distance
-from lightning_mtkd.strategies.base import (
-    TEACHER,
-    DistillationModule,
-    ModelOutputs,
-    _save_config_hparams,
-    check_hint,
-    teacher_config,
-)
+from lightning_mtkd.losses.functional import FeatureDistance
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair
 from lightning_mtkd.tasks import Task
-from lightning_mtkd.weighting.base import Weighting
 
 
 class SharedDistiller(DistillationModule):
@@ -39,17 +28,20 @@ class SharedDistiller(DistillationModule):
     ``distance`` on channel-normalised features (as in Li & Bilen, ECCV-W 2020). :math:`\beta` is
     ``hint_weight``; set it to 0 for plain multi-task KD.
 
+    The shared feature of each model is, unless a path is given, the input of its task heads, found
+    by one dry run (:func:`~lightning_mtkd.models.hooks.find_shared_feature`): a ``MultiTaskNet``'s
+    ``backbone``, a Hugging Face model's pooled output, any model whose heads read one tensor. Vectors,
+    token sequences ``(B, L, D)`` (padding masked out) and conv maps are bridged alike.
+
     Args:
         student: The multi-task student.
-        teacher: The multi-task teacher: a module or a ``MultiTaskModule`` checkpoint path.
+        teacher: The multi-task teacher: a module or a lightning-mtkd checkpoint path.
         tasks: The tasks; the teacher must output every one.
-        temperature: Soft-target temperature ``T``.
-        alpha: Distillation share in [0, 1].
-        student_feature: Dotted path of the student's shared representation.
-        teacher_feature: Dotted path of the teacher's shared representation.
+        student_feature: Dotted path of the student's shared representation (``None``: found).
+        teacher_feature: Dotted path of the teacher's shared representation (``None``: found).
         hint_weight: ``β``, the hint term's weight (0 turns the hint off).
         distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
-        adaptor_lr: The adaptor's learning rate (the optimizer's own if ``None``).
+        **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``optimizer``, …).
 
     Example (YAML)::
 
@@ -60,7 +52,7 @@ class SharedDistiller(DistillationModule):
             student: {class_path: lightning_mtkd.models.MultiTaskNet, init_args: {...}}
             tasks: [{name: left, num_classes: 10}, {name: right, num_classes: 10}]
             temperature: 4.0
-            alpha: 0.5
+            alpha: 0.9
     """
 
     requires_multitask_teacher = True
@@ -70,50 +62,25 @@ class SharedDistiller(DistillationModule):
         student: nn.Module,
         teacher: nn.Module | str | None,
         tasks: list[Task],
-        temperature: float = 4.0,
-        alpha: float = 0.5,
-        student_feature: str | None = "backbone",
-        teacher_feature: str | None = "backbone",
+        student_feature: str | None = None,
+        teacher_feature: str | None = None,
         hint_weight: float = 1.0,
         distance: FeatureDistance = "l2",
-        adaptor_lr: float | None = None,
-        weighting: Weighting | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: LRSchedulerCallable | None = None,
-        pseudo_label_missing: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            student,
-            teacher,
-            tasks,
-            temperature,
-            alpha,
-            adaptor_lr,
-            weighting,
-            optimizer,
-            scheduler,
-            pseudo_label_missing,
-        )
-        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
-        check_hint(hint_weight, student_feature, teacher_feature)
+        super().__init__(student, teacher, tasks, **kwargs)
+        if hint_weight < 0:
+            raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
         self.distance: FeatureDistance = distance
 
-    def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
+    def feature_pairs(self) -> list[FeaturePair]:
         if self.hint_weight == 0:
-            return {}
-        assert self.student_feature is not None and self.teacher_feature is not None
-        return {"hint": (self.student_feature, TEACHER, self.teacher_feature)}
-
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
-        terms = self.soft_target_terms(student, teachers)
-        if self.hint_weight > 0:
-            assert self.student_feature is not None and self.teacher_feature is not None
-            adapted = self.adaptors["hint"](student.features[self.student_feature])
-            target = teachers[TEACHER].features[self.teacher_feature]
-            terms["hint"] = self.hint_weight * feature_distance(adapted, target, self.distance)
-        return terms
+            return []
+        return [
+            FeaturePair(
+                "hint", self.student_feature, self.teacher_feature, weight=self.hint_weight, distance=self.distance
+            )
+        ]

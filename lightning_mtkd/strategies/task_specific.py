@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_mtkd.losses.functional import FeatureDistance, feature_distance
-from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, _save_config_hparams, teacher_config
+from lightning_mtkd.losses.functional import FeatureDistance
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, Step
 from lightning_mtkd.tasks import Task
-from lightning_mtkd.weighting.base import Weighting
 
 
 class TaskSpecificDistiller(DistillationModule):
@@ -43,15 +40,16 @@ class TaskSpecificDistiller(DistillationModule):
         task_teachers: ``{task: teacher name}`` for tasks whose teacher is not named after them.
         temperature: Soft-target temperature ``T``.
         alpha: Distillation share in [0, 1].
-        student_feature: Dotted path of the student's shared representation.
+        student_feature: Dotted path of the student's shared representation (``None``: the input of its
+            task heads, found by a dry run).
         teacher_feature: Dotted path of the feature in each teacher: one path for all, or
-            ``{teacher name: path}`` (teachers of different architectures).
+            ``{teacher name: path}`` (teachers of different architectures); ``None``: found in each.
         feature_weight: ``β``, weight of the feature term (0 turns it and the adaptors off). The default
             0.1 is light because the one shared student feature is pulled towards several teachers at
             once: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20-epoch students) β = 1 closed 15%
             of the teacher–scratch gap, β = 0 23%, β = 0.1 34%.
         distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
-        adaptor_lr: The adaptors' learning rate (the optimizer's own if ``None``).
+        **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
 
@@ -70,36 +68,18 @@ class TaskSpecificDistiller(DistillationModule):
         teacher: dict[str, nn.Module | str | None],
         tasks: list[Task],
         task_teachers: dict[str, str] | None = None,
-        temperature: float = 4.0,
-        alpha: float = 0.5,
-        student_feature: str = "backbone",
-        teacher_feature: str | dict[str, str] = "backbone",
+        student_feature: str | None = None,
+        teacher_feature: str | dict[str, str] | None = None,
         feature_weight: float = 0.1,
         distance: FeatureDistance = "l2",
-        adaptor_lr: float | None = None,
-        weighting: Weighting | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: LRSchedulerCallable | None = None,
-        pseudo_label_missing: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            student,
-            teacher,
-            tasks,
-            temperature,
-            alpha,
-            adaptor_lr,
-            weighting,
-            optimizer,
-            scheduler,
-            pseudo_label_missing,
-        )
-        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
         if not isinstance(teacher, Mapping):
             raise TypeError(
                 "TaskSpecificDistiller needs one teacher per task: pass `teacher` as a dict {task: module or "
                 "checkpoint path}, e.g. {'left': 'teacher_left.ckpt', 'right': 'teacher_right.ckpt'}."
             )
+        super().__init__(student, teacher, tasks, **kwargs)
         if feature_weight < 0:
             raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
         self.task_teachers = _assign_teachers(list(self.tasks), list(teacher), task_teachers or {})
@@ -115,43 +95,38 @@ class TaskSpecificDistiller(DistillationModule):
         self.feature_weight = feature_weight
         self.distance: FeatureDistance = distance
 
-    def feature_path(self, teacher: str) -> str:
-        """The feature path read in ``teacher``."""
-        return self.teacher_feature if isinstance(self.teacher_feature, str) else self.teacher_feature[teacher]
+    def feature_path(self, teacher: str) -> str | None:
+        """The feature path read in ``teacher`` (``None``: the input of its task heads)."""
+        return self.teacher_feature.get(teacher) if isinstance(self.teacher_feature, Mapping) else self.teacher_feature
 
-    def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
+    def feature_pairs(self) -> list[FeaturePair]:
         if self.feature_weight == 0:
-            return {}
-        return {
-            task: (self.student_feature, teacher, self.feature_path(teacher))
+            return []
+        return [
+            FeaturePair(
+                f"feat/{task}",
+                self.student_feature,
+                self.feature_path(teacher),
+                teacher=teacher,
+                weight=self.feature_weight,
+                distance=self.distance,
+                adaptor=task,
+            )
             for task, teacher in self.task_teachers.items()
-        }
+        ]
 
-    def teacher_for_task(self, teachers: Mapping[str, ModelOutputs], task: str) -> ModelOutputs | None:
-        """The task's own teacher (its distillation target, and the one whose metrics are logged beside it)."""
-        return teachers.get(self.task_teachers[task]) if task in self.task_teachers else None
-
-    def check_teacher_outputs(self, teachers: Mapping[str, ModelOutputs]) -> None:
+    def teacher_targets(self, step: Step) -> dict[str, Tensor]:
+        """Each task's own teacher (its distillation target, and the one whose metrics are logged beside it)."""
+        targets = {}
         for task, teacher in self.task_teachers.items():
-            if task not in teachers[teacher].outputs:
+            outputs = step.teachers[teacher].outputs
+            if task not in outputs:
                 raise KeyError(
-                    f"teacher {teacher!r} teaches task {task!r} but outputs only {list(teachers[teacher].outputs)}. "
-                    f"Give {task!r} a teacher trained on it (name it {task!r} or map it in `task_teachers`)."
+                    f"teacher {teacher!r} teaches task {task!r} but outputs only {list(outputs)}. Give {task!r} a "
+                    f"teacher trained on it (name it {task!r} or map it in `task_teachers`)."
                 )
-
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
-        terms: dict[str, Tensor] = {}
-        for name, task in self.tasks.items():
-            teacher_name = self.task_teachers[name]
-            teacher = teachers[teacher_name]
-            terms[f"kd/{name}"] = task.distillation_loss(student.outputs[name], teacher.outputs[name], self.temperature)
-            if self.feature_weight > 0:
-                adapted = self.adaptors[name](student.features[self.student_feature])
-                target = teacher.features[self.feature_path(teacher_name)]
-                terms[f"feat/{name}"] = self.feature_weight * feature_distance(adapted, target, self.distance)
-        return terms
+            targets[task] = outputs[task]
+        return targets
 
 
 def _assign_teachers(tasks: list[str], teachers: list[str], explicit: Mapping[str, str]) -> dict[str, str]:

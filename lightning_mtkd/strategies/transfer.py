@@ -8,22 +8,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_mtkd.losses.functional import FeatureDistance, feature_distance
+from lightning_mtkd.checkpoints import CLASS_KEY
+from lightning_mtkd.config import class_path, to_config
+from lightning_mtkd.losses.functional import FeatureDistance
 from lightning_mtkd.models.students import TaskStudents
-from lightning_mtkd.strategies.base import (
-    TEACHER,
-    DistillationModule,
-    ModelOutputs,
-    MultiTaskModule,
-    _save_config_hparams,
-    check_hint,
-    teacher_config,
-)
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, MultiTaskModule
 from lightning_mtkd.tasks import Task, as_tasks
-from lightning_mtkd.weighting.base import Weighting
 
 
 class TransferDistiller(DistillationModule):
@@ -56,14 +48,15 @@ class TransferDistiller(DistillationModule):
         groups: ``{student name: [tasks]}`` for students of several tasks.
         temperature: Soft-target temperature ``T``.
         alpha: Distillation share in [0, 1].
-        student_feature: Dotted path of the feature in each student (``"backbone"`` for a ``MultiTaskNet``).
-        teacher_feature: Dotted path of the teacher's common feature.
+        student_feature: Dotted path of the feature in each student (``None``: the input of its task heads,
+            found by a dry run; ``"backbone"`` for a ``MultiTaskNet``).
+        teacher_feature: Dotted path of the teacher's common feature (``None``: found likewise).
         hint_weight: ``β``, the feature term's weight (0 turns it and the adaptors off). The default 0.1
             is light because a small per-task student cannot afford to spend much of itself on imitating
             the teacher's whole shared feature: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20 epochs,
             10.5K students) β = 1 closed 19% of the teacher–scratch gap, β = 0.1 29%, β = 0 30%.
         distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
-        adaptor_lr: The adaptors' learning rate (the optimizer's own if ``None``).
+        **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
 
@@ -85,17 +78,11 @@ class TransferDistiller(DistillationModule):
         teacher: nn.Module | str | None,
         tasks: list[Task],
         groups: dict[str, list[str]] | None = None,
-        temperature: float = 4.0,
-        alpha: float = 0.5,
-        student_feature: str | None = "backbone",
-        teacher_feature: str | None = "backbone",
+        student_feature: str | None = None,
+        teacher_feature: str | None = None,
         hint_weight: float = 0.1,
         distance: FeatureDistance = "l2",
-        adaptor_lr: float | None = None,
-        weighting: Weighting | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        scheduler: LRSchedulerCallable | None = None,
-        pseudo_label_missing: bool = False,
+        **kwargs: Any,
     ) -> None:
         if isinstance(student, nn.Module) or not isinstance(student, Mapping) or not student:
             raise TypeError(
@@ -103,21 +90,9 @@ class TransferDistiller(DistillationModule):
                 "e.g. {'left': net_left, 'right': net_right}."
             )
         _check_students(list(as_tasks(tasks)), list(student), groups or {})
-        students = TaskStudents(student, groups)
-        super().__init__(
-            students,
-            teacher,
-            tasks,
-            temperature,
-            alpha,
-            adaptor_lr,
-            weighting,
-            optimizer,
-            scheduler,
-            pseudo_label_missing,
-        )
-        _save_config_hparams(self, {**locals(), "teacher": teacher_config(teacher)})
-        check_hint(hint_weight, student_feature, teacher_feature)
+        super().__init__(TaskStudents(_built(student), groups), teacher, tasks, **kwargs)
+        if hint_weight < 0:
+            raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
@@ -135,21 +110,22 @@ class TransferDistiller(DistillationModule):
             raise KeyError(f"no student {name!r}; the students are {list(self.students)}.")
         return self.students[name]
 
-    def adaptor_specs(self) -> dict[str, tuple[str, str, str]]:
+    def feature_pairs(self) -> list[FeaturePair]:
         if self.hint_weight == 0:
-            return {}
-        return {name: (f"{name}.{self.student_feature}", TEACHER, str(self.teacher_feature)) for name in self.students}
-
-    def distillation_loss(
-        self, student: ModelOutputs, teachers: dict[str, ModelOutputs], batch: Mapping[str, Any]
-    ) -> dict[str, Tensor]:
-        terms = self.soft_target_terms(student, teachers)
-        if self.hint_weight > 0:
-            target = teachers[TEACHER].features[str(self.teacher_feature)]  # one teacher feature for all students
-            for name in self.students:
-                adapted = self.adaptors[name](student.features[f"{name}.{self.student_feature}"])
-                terms[f"hint/{name}"] = self.hint_weight * feature_distance(adapted, target, self.distance)
-        return terms
+            return []
+        # One teacher feature for all students: the teacher runs once per batch.
+        return [
+            FeaturePair(
+                f"hint/{name}",
+                f"{name}.{self.student_feature}" if self.student_feature else None,
+                self.teacher_feature,
+                weight=self.hint_weight,
+                distance=self.distance,
+                student_root=name,
+                adaptor=name,
+            )
+            for name in self.students
+        ]
 
     def export_student(self, name: str, path: str | os.PathLike) -> str:
         """Write student ``name`` alone as a ``MultiTaskModule`` checkpoint (no teacher, no other student).
@@ -161,16 +137,30 @@ class TransferDistiller(DistillationModule):
         network = self.student(name)
         standalone = MultiTaskModule(network, [self.tasks[task] for task in self.students.tasks_of(name)])
         hparams = dict(standalone.hparams)
-        if hparams.get("model") is None:
+        recorded = to_config(network)
+        if not isinstance(recorded, dict) or "init_args" not in recorded:
             raise ValueError(
                 f"student {name!r} ({type(network).__name__}) does not record how it was built, so a standalone "
-                "checkpoint could not rebuild it. Derive it from lightning_mtkd.config.RecordsInitArgs (or build it "
-                f"from a config), or save `module.student({name!r}).state_dict()` instead."
+                "checkpoint could not rebuild it. Store its constructor arguments as attributes of the same names, "
+                "derive it from lightning_mtkd.config.RecordsInitArgs (or build it from a config), or save "
+                f"`module.student({name!r}).state_dict()` instead."
             )
         path = os.fspath(path)
-        checkpoint = {"state_dict": standalone.state_dict(), "hyper_parameters": hparams}
-        torch.save({**checkpoint, "pytorch-lightning_version": L.__version__}, path)
+        checkpoint = {
+            "state_dict": standalone.state_dict(),
+            "hyper_parameters": hparams,
+            CLASS_KEY: class_path(standalone),
+            "pytorch-lightning_version": L.__version__,
+        }
+        torch.save(checkpoint, path)
         return path
+
+
+def _built(students: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """The students as modules (a reloaded checkpoint gives their recorded configs)."""
+    from lightning_mtkd.checkpoints import as_module
+
+    return {name: as_module(network, f"student[{name!r}]") for name, network in students.items()}
 
 
 def load_student(path: str | os.PathLike) -> nn.Module:

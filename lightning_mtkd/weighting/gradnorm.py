@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from lightning_mtkd.models.hooks import resolve_module
+from lightning_mtkd.models.hooks import find_shared_feature, resolve_module
 from lightning_mtkd.tasks import Task
 from lightning_mtkd.weighting.base import Weighting
 
@@ -60,7 +60,9 @@ class GradNorm(Weighting):
         shared_layer: Dotted path, in the module's network, of the last shared layer; if that module
             holds no parameters itself, the last submodule under it that does is used (``"backbone"``
             of a :class:`~lightning_mtkd.models.MultiTaskNet` → its last linear layer). Its ``weight`` is
-            :math:`W` (all its parameters if it has no ``weight``).
+            :math:`W` (all its parameters if it has no ``weight``). ``None``: the module whose output feeds
+            every task head, found by a dry run at the start of fit
+            (:func:`~lightning_mtkd.models.hooks.find_shared_feature`), whatever the network.
 
     YAML::
 
@@ -70,7 +72,7 @@ class GradNorm(Weighting):
     initial_losses: Tensor
     initialised: Tensor
 
-    def __init__(self, alpha: float = 1.5, shared_layer: str = "backbone") -> None:
+    def __init__(self, alpha: float = 1.5, shared_layer: str | None = None) -> None:
         super().__init__()
         if alpha < 0:
             raise ValueError(f"GradNorm: alpha (the asymmetry) must be >= 0, got {alpha}.")
@@ -90,15 +92,24 @@ class GradNorm(Weighting):
         model = module.model
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNorm: {type(module).__name__} has no network `model`; call attach_model(network).")
-        self.attach_model(model)
+        path = self.shared_layer
+        if path is None:
+            from lightning_mtkd.data.examples import example_inputs
 
-    def attach_model(self, model: nn.Module) -> None:
-        """Find ``W``, the parameters of the last shared layer, in ``model``."""
-        layer = resolve_module(model, self.shared_layer, owner=f"GradNorm shared_layer {self.shared_layer!r}")
+            unpack = getattr(module, "unpack_inputs", True)
+            path = find_shared_feature(model, example_inputs(module, "fit"), unpack, owner="GradNorm shared_layer")
+        self.attach_model(model, path)
+
+    def attach_model(self, model: nn.Module, shared_layer: str | None = None) -> None:
+        """Find ``W`` in ``model``: the parameters of its last shared layer (``shared_layer``, else the configured)."""
+        path = shared_layer or self.shared_layer
+        if path is None:
+            raise ValueError("GradNorm: give `shared_layer`, the dotted path of the network's last shared layer.")
+        layer = resolve_module(model, path, owner=f"GradNorm shared_layer {path!r}")
         owners = [(name, m) for name, m in layer.named_modules() if any(True for _ in m.parameters(recurse=False))]
         if not owners:
             raise ValueError(
-                f"GradNorm: the module at shared_layer {self.shared_layer!r} has no parameters; name a layer with "
+                f"GradNorm: the module at shared_layer {path!r} has no parameters; name a layer with "
                 "weights (e.g. the backbone's last linear layer)."
             )
         name, owner = owners[-1]
@@ -106,8 +117,8 @@ class GradNorm(Weighting):
         params = [weight] if isinstance(weight, nn.Parameter) else list(owner.parameters(recurse=False))
         self._shared = [p for p in params if p.requires_grad]
         if not self._shared:
-            raise ValueError(f"GradNorm: the parameters of shared_layer {self.shared_layer!r} are frozen.")
-        self.shared_layer_name = ".".join(filter(None, [self.shared_layer, name]))
+            raise ValueError(f"GradNorm: the parameters of shared_layer {path!r} are frozen.")
+        self.shared_layer_name = ".".join(filter(None, [path, name]))
 
     def combine(self, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor], alpha: float) -> Tensor:
         per_task, shared = self.task_terms(task_losses, distill_terms, alpha)

@@ -1,4 +1,4 @@
-"""The configs of issue 4 fit for one step through the CLI; every weighting plug-in fits from a config."""
+"""The adaptive and attention configs fit for one step through the CLI; every weighting plug-in fits from a config."""
 
 from pathlib import Path
 
