@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_mtkd.demo import DEFAULTS, TASKS
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
+from lightning_mtkd.recipe import RECIPE, TASKS
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -78,7 +78,7 @@ def measure(name: str, spec: dict, batch: int, steps: int, repeats: int) -> list
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="ConvBackbone step time, NCHW vs channels_last.")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["data"]["batch_size"])
+    parser.add_argument("--batch-size", type=int, default=RECIPE["data"]["batch_size"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="alternations of the two layouts")
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         "| model | what | NCHW ms | NHWC ms | speed-up |",
         "| --- | --- | --- | --- | --- |",
-        *measure("student", DEFAULTS["student"], args.batch_size, args.steps, args.repeats),
-        *measure("teacher", DEFAULTS["teacher"], args.batch_size, max(2, args.steps // 4), args.repeats),
+        *measure("student", RECIPE["student"], args.batch_size, args.steps, args.repeats),
+        *measure("teacher", RECIPE["teacher"], args.batch_size, max(2, args.steps // 4), args.repeats),
     ]
     setup = (
         f"Batch {args.batch_size} of 1×36×36, {args.threads} thread(s), median of {args.repeats} × "

@@ -42,18 +42,18 @@ from lightning_mtkd import (
     TaskSpecificDistiller,
     TransferDistiller,
 )
-from lightning_mtkd.demo import (
-    DEFAULTS,
+from lightning_mtkd.models import TaskStudents, count_parameters
+from lightning_mtkd.recipe import (
+    RECIPE,
     TASKS,
     conv_net,
-    demo_datamodule,
+    datamodule,
     evaluate_checkpoint,
     fit_and_test,
     multitask_teacher,
     student_optimizer,
     train_or_reuse,
 )
-from lightning_mtkd.models import TaskStudents, count_parameters
 
 
 @dataclass
@@ -83,8 +83,7 @@ def _distill(config: dict[str, Any]) -> dict[str, Any]:
 
 def _per_task_students(config: dict[str, Any]) -> dict[str, torch.nn.Module]:
     # Two students of ~10.5K parameters each: together about the 19K multi-task student.
-    spec = {"widths": [6, 12], "hidden": 48}
-    return {task.name: conv_net(spec, [task]) for task in TASKS}
+    return {task.name: conv_net(config["per_task_student"], [task]) for task in TASKS}
 
 
 ROWS: dict[str, Row] = {
@@ -100,7 +99,7 @@ ROWS: dict[str, Row] = {
         _student(c),
         t.multitask,
         TASKS,
-        layers=[AttentionPair(f"backbone.features.{i}", f"backbone.features.{i}") for i in (3, 7)],
+        layers=[AttentionPair(**pair) for pair in c["attention_layers"]],
         **_distill(c),
     ),
     "fusion": lambda t, c: FusionDistiller(
@@ -136,7 +135,7 @@ def train_teacher(name: str, config: dict[str, Any], root: str, threads: int | N
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    dm = demo_datamodule(config)
+    dm = datamodule(config)
     if name == "multitask":
         return multitask_teacher(config, dm, root, False)
     task = next(t for t in TASKS if t.name == name)
@@ -152,7 +151,7 @@ def fit_student(row: str, seed: int, config: dict[str, Any], teachers: Teachers,
     """
     L.seed_everything(seed, workers=True)
     module = ROWS[row](teachers, config)
-    test = fit_and_test(module, demo_datamodule(config), config["student"]["epochs"], progress=False, workdir=workdir)
+    test = fit_and_test(module, datamodule(config), config["student"]["epochs"], progress=False, workdir=workdir)
     return {t.name: test[f"test/{t.name}/acc"] for t in TASKS}
 
 
@@ -196,7 +195,7 @@ def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, wo
     teachers = Teachers(paths[0], dict(zip(names[1:], paths[1:], strict=True)))
     teachers_seconds = time.perf_counter() - started
 
-    dm = demo_datamodule(config)
+    dm = datamodule(config)
     teacher, teacher_test = evaluate_checkpoint(teachers.multitask, dm)
     example = torch.zeros(1, *dm.input_shape)
     single_task = {
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--root", default=".cache/quality", help="teacher checkpoints are reused from here")
     parser.add_argument("--out", default="benchmarks/results", help="where quality.md and quality.png go")
     args = parser.parse_args(argv)
-    config = json.loads(json.dumps(DEFAULTS))
+    config = json.loads(json.dumps(RECIPE))
     if args.epochs:
         config["student"]["epochs"] = args.epochs
     if args.teacher_epochs:

@@ -1,6 +1,6 @@
 """Training-step cost of the weighting plug-ins and of strategies 4 and 5, relative to SharedDistiller.
 
-    PYTHONPATH=. python benchmarks/step_overhead_issue4.py [--steps 10] [--rounds 3]
+    PYTHONPATH=. python benchmarks/weighting_overhead.py [--steps 10] [--rounds 3]
 
 MultiMNIST-shaped inputs (batch 128, 1×36×36), the configs' models: conv teacher 32/64 → student 8/16,
 and the transformer teacher (64 wide, 4 layers, 4 heads) → student (32, 2, 2). Untrained networks:
