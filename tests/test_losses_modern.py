@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mtkd.losses import (
+    ContrastiveMemory,
+    CRDEmbed,
+    crd_loss,
     dist_loss,
     dkd_loss,
     dkd_terms,
     feature_distance,
     kl_loss,
     logit_mse_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
     sigmoid_mse_loss,
     soft_target_kd,
     standardize_logits,
@@ -149,6 +159,7 @@ def test_dkd_golden_value():
     # T² · mean_b(TCKD + 8 NCKD) = 1.6577659608735746 at T = 4, 1.5473785507173712 at T = 1.
     assert dkd_loss(STUDENT, TEACHER, LABELS).item() == pytest.approx(1.6577660, rel=1e-5)
     assert dkd_loss(STUDENT, TEACHER, LABELS, temperature=1.0).item() == pytest.approx(1.5473786, rel=1e-5)
+    assert dkd_loss(STUDENT, TEACHER, LABELS.int()).item() == pytest.approx(1.6577660, rel=1e-5)  # any int dtype
 
 
 def test_dkd_masks_missing_labels_and_is_zero_not_nan_when_all_are_missing():
@@ -312,3 +323,253 @@ def test_logit_loss_falls_under_sgd(name, lr):
     inputs, teacher = torch.randn(12, 5), torch.randn(12, 4) * 3
     # DKD at T = 4 carries T² · beta = 128 in its gradient: a smaller step
     _loss_falls(lambda logits: LOGIT_LOSSES[name](logits, teacher), nn.Linear(5, 4), inputs, lr=lr)
+
+
+# ----------------------------------------------------------------------------------------------------- RKD
+def _smooth_l1(a: float, b: float) -> float:
+    diff = abs(a - b)
+    return 0.5 * diff**2 if diff < 1 else diff - 0.5
+
+
+def _rkd_distance_by_loops(student: Tensor, teacher: Tensor) -> float:
+    """Park et al.'s psi_D one pair at a time; mean over all B² entries, as in their code."""
+    n = student.shape[0]
+
+    def normalised(x: Tensor) -> list[list[float]]:
+        d = [[(x[i] - x[j]).norm().item() for j in range(n)] for i in range(n)]
+        mean = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        return [[value / mean for value in row] for row in d]
+
+    ds, dt = normalised(student.flatten(1)), normalised(teacher.flatten(1))
+    return sum(_smooth_l1(ds[i][j], dt[i][j]) for i in range(n) for j in range(n)) / n**2
+
+
+def _rkd_angle_by_loops(student: Tensor, teacher: Tensor) -> float:
+    """Park et al.'s psi_A one triplet at a time (angle at x_i; 0 when two points coincide), mean over B³."""
+    n = student.shape[0]
+
+    def cosine(x: Tensor, i: int, j: int, k: int) -> float:
+        if i in (j, k):
+            return 0.0
+        return F.cosine_similarity(x[j] - x[i], x[k] - x[i], dim=0).item()
+
+    s, t = student.flatten(1), teacher.flatten(1)
+    terms = [_smooth_l1(cosine(s, i, j, k), cosine(t, i, j, k)) for i in range(n) for j in range(n) for k in range(n)]
+    return sum(terms) / n**3
+
+
+def test_rkd_terms_match_naive_loops_with_different_widths():
+    generator = torch.Generator().manual_seed(8)
+    student, teacher = torch.randn(5, 3, generator=generator), torch.randn(5, 2, 2, 2, generator=generator)
+    assert rkd_distance_loss(student, teacher).item() == pytest.approx(
+        _rkd_distance_by_loops(student, teacher), rel=1e-5
+    )
+    assert rkd_angle_loss(student, teacher).item() == pytest.approx(_rkd_angle_by_loops(student, teacher), rel=1e-5)
+    expected = 25 * rkd_distance_loss(student, teacher) + 50 * rkd_angle_loss(student, teacher)
+    torch.testing.assert_close(rkd_loss(student, teacher), expected)
+
+
+def test_rkd_golden_value():
+    # Right triangle (0,0), (3,0), (0,4) against an equilateral one of side 1. By hand: distances 3, 4, 5 (mean 4)
+    # vs 1, 1, 1, so psi_D = (0.75, 1, 1.25) vs 1 (each pair twice): smooth-L1 sum 2 (0.03125 + 0 + 0.03125) / 9
+    # = 0.013889. Angles: cosines 0, 0.6, 0.8 at the vertices vs 0.5 (each twice, on the off-diagonal of i's
+    # 3 x 3 slice): sum of 0.5 d² = 2 (0.125 + 0.005 + 0.045) / 27 = 0.012963.
+    student = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    teacher = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3**0.5 / 2]])
+    assert rkd_distance_loss(student, teacher).item() == pytest.approx(0.125 / 9, rel=1e-5)
+    assert rkd_angle_loss(student, teacher).item() == pytest.approx(0.35 / 27, rel=1e-5)
+
+
+def test_rkd_ignores_rotation_scale_and_translation_of_the_teacher():
+    generator = torch.Generator().manual_seed(9)
+    student = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    moved = 3.0 * student @ _orthogonal(4, seed=10) + 2.0
+    assert rkd_loss(student, moved).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_rkd_gradient_reaches_only_the_student_and_the_loss_falls():
+    torch.manual_seed(11)
+    inputs, teacher = torch.randn(8, 6), torch.randn(8, 10, requires_grad=True)
+    student = nn.Linear(6, 4)
+    rkd_loss(student(inputs), teacher).backward()  # the teacher is not detached by the caller
+    assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
+    assert teacher.grad is None
+    _loss_falls(lambda features: rkd_loss(features, teacher), nn.Linear(6, 4), inputs, lr=0.05)
+
+
+def test_rkd_edge_cases_and_errors():
+    one = torch.randn(1, 3)
+    assert rkd_loss(one, torch.randn(1, 5)).item() == 0.0  # no pair: 0, not NaN
+    with pytest.raises(ValueError, match="equal B"):
+        rkd_loss(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="equal B"):
+        rkd_distance_loss(torch.randn(4), torch.randn(4))
+
+
+# ----------------------------------------------------------------------------------------------------- CRD
+def _crd_by_loops(
+    student: Tensor, teacher: Tensor, memory: ContrastiveMemory, index: Tensor, negatives: Tensor, t: float
+) -> Tensor:
+    """-log(e^{pos/t} / sum e^{./t}) one sample at a time, student anchor on the teacher bank and vice versa."""
+
+    def side(anchor: Tensor, bank: Tensor) -> Tensor:
+        losses = []
+        for b in range(anchor.shape[0]):
+            positive = torch.exp(anchor[b] @ bank[index[b]] / t)
+            negatives_sum = sum(torch.exp(anchor[b] @ bank[n] / t) for n in negatives[b])
+            losses.append(-torch.log(positive / (positive + negatives_sum)))
+        return torch.stack(losses).mean()
+
+    return side(student, memory.teacher_memory) + side(teacher, memory.student_memory)
+
+
+def _crd_case(seed: int = 12) -> tuple[ContrastiveMemory, Tensor, Tensor, Tensor, Tensor]:
+    torch.manual_seed(seed)
+    memory = ContrastiveMemory(num_samples=10, dim=4)
+    student, teacher = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    index = torch.tensor([2, 7, 4])
+    return memory, student, teacher, index, memory.sample_negatives(index, k=5)
+
+
+def test_crd_loss_matches_the_softmax_over_one_positive_and_k_negatives():
+    memory, student, teacher, index, negatives = _crd_case()
+    loss = crd_loss(student, teacher, memory.student_memory, memory.teacher_memory, index, negatives, 0.5)
+    torch.testing.assert_close(loss, _crd_by_loops(student, teacher, memory, index, negatives, 0.5))
+
+
+def test_crd_gradients_reach_both_embeddings_never_the_banks():
+    memory, student, teacher, index, negatives = _crd_case()
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    banks = memory.student_memory.clone().requires_grad_(True), memory.teacher_memory.clone().requires_grad_(True)
+    crd_loss(student, teacher, *banks, index, negatives).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0  # trains the teacher's projection head
+    assert banks[0].grad is None and banks[1].grad is None
+
+
+def test_crd_bad_inputs_are_named():
+    memory, student, teacher, index, negatives = _crd_case()
+    banks = memory.student_memory, memory.teacher_memory
+    with pytest.raises(ValueError, match="temperature"):
+        crd_loss(student, teacher, *banks, index, negatives, temperature=0.0)
+    with pytest.raises(ValueError, match="CRDEmbed"):
+        crd_loss(student, teacher[:, :3], *banks, index, negatives)
+    with pytest.raises(ValueError, match="memory banks"):
+        crd_loss(student, teacher, banks[0], banks[1][:, :3], index, negatives)
+    with pytest.raises(ValueError, match="negatives_index"):
+        crd_loss(student, teacher, *banks, index, negatives[:2])
+
+
+def test_crd_embed_projects_any_features_to_unit_vectors():
+    head = CRDEmbed(in_features=12, dim=5)
+    embed = head(torch.randn(4, 3, 2, 2))
+    assert embed.shape == (4, 5)
+    torch.testing.assert_close(embed.norm(dim=1), torch.ones(4))
+
+
+# ------------------------------------------------------------------------------------- contrastive memory
+def test_memory_banks_are_unit_buffers_and_resume_exactly():
+    memory, student, teacher, index, _ = _crd_case()
+    assert sorted(memory.state_dict()) == ["student_memory", "teacher_memory"]
+    assert list(memory.parameters()) == []
+    torch.testing.assert_close(memory.student_memory.norm(dim=1), torch.ones(10))
+    memory.update(index.int(), student, teacher)  # any integer dtype
+    resumed = ContrastiveMemory(num_samples=10, dim=4)
+    resumed.load_state_dict(memory.state_dict())
+    assert torch.equal(resumed.student_memory, memory.student_memory)
+    assert torch.equal(resumed.teacher_memory, memory.teacher_memory)
+
+
+def test_memory_update_is_the_momentum_average_renormalised_row_by_row():
+    memory, student, teacher, index, _ = _crd_case()
+    before_s, before_t = memory.student_memory.clone(), memory.teacher_memory.clone()
+    memory.update(index, student, teacher)
+    for bank, before, embed in ((memory.student_memory, before_s, student), (memory.teacher_memory, before_t, teacher)):
+        for row in range(10):
+            expected = before[row]
+            if row in index.tolist():
+                mixed = 0.5 * before[row] + 0.5 * embed[index.tolist().index(row)]
+                expected = mixed / mixed.norm()
+            torch.testing.assert_close(bank[row], expected)
+
+
+def test_memory_update_averages_a_sample_seen_twice_and_accepts_a_one_process_gather():
+    memory, student, teacher, _, _ = _crd_case()
+    row_before = memory.student_memory[5].clone()
+    index = torch.tensor([5, 1, 5])
+    memory.update(index, student, teacher, all_gather=lambda x: x)  # Lightning's all_gather on one process
+    mixed = 0.5 * row_before + 0.5 * (student[0] + student[2]) / 2
+    torch.testing.assert_close(memory.student_memory[5], mixed / mixed.norm())
+
+
+def test_negatives_are_uniform_over_the_other_rows_and_reproducible():
+    memory = ContrastiveMemory(num_samples=5, dim=2)
+    index = torch.tensor([0, 2, 4])
+    negatives = memory.sample_negatives(index, k=2000, generator=torch.Generator().manual_seed(0))
+    assert negatives.shape == (3, 2000)
+    assert not (negatives == index.unsqueeze(1)).any()
+    for row, positive in enumerate(index.tolist()):
+        counts = torch.bincount(negatives[row], minlength=5).float() / 2000
+        others = [i for i in range(5) if i != positive]
+        torch.testing.assert_close(counts[others], torch.full((4,), 0.25), atol=0.04, rtol=0)
+    again = memory.sample_negatives(index, k=2000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(negatives, again)
+
+
+def test_memory_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        ContrastiveMemory(num_samples=1, dim=4)
+    with pytest.raises(ValueError, match="momentum"):
+        ContrastiveMemory(num_samples=4, dim=4, momentum=1.0)
+    memory = ContrastiveMemory(num_samples=4, dim=4)
+    with pytest.raises(ValueError, match=r"embeddings \(B, 4\)"):
+        memory.update(torch.tensor([0, 1]), torch.zeros(2, 4), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="k"):
+        memory.sample_negatives(torch.tensor([0]), k=0)
+
+
+def _all_gather(tensor: Tensor) -> Tensor:
+    """What ``LightningModule.all_gather`` returns under DDP: ``(world, B, ...)``."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
+def _global_batch() -> tuple[ContrastiveMemory, Tensor, Tensor, Tensor]:
+    """Same bank and batch in every process; sample 7 appears on both ranks' halves."""
+    torch.manual_seed(13)
+    memory = ContrastiveMemory(num_samples=10, dim=4)
+    index = torch.tensor([3, 7, 1, 7, 0, 9])
+    return memory, index, F.normalize(torch.randn(6, 4), dim=1), F.normalize(torch.randn(6, 4), dim=1)
+
+
+def _update_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: update the banks with this rank's half of the batch, gathering the rest."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        memory, index, student, teacher = _global_batch()
+        half = slice(rank * 3, (rank + 1) * 3)
+        memory.update(index[half], student[half], teacher[half], all_gather=_all_gather)
+        torch.save(memory.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.ddp
+def test_memory_update_on_two_gloo_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+    # ~13 s on two shared cores, nearly all of it each process importing lightning_mtkd (and with it Lightning)
+    mp.spawn(_update_on_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    memory, index, student, teacher = _global_batch()
+    memory.update(index, student, teacher)
+    for rank in range(2):
+        banks = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, bank in memory.state_dict().items():
+            torch.testing.assert_close(banks[name], bank, rtol=0, atol=1e-7, msg=f"{name} on rank {rank}")

@@ -2,7 +2,8 @@
 
 :mod:`~lightning_mtkd.losses.functional` holds the soft-target, feature and attention losses,
 :mod:`~lightning_mtkd.losses.logits` the logit losses beyond Hinton's (DKD, DIST, logit standardisation,
-MSE; its docstring tells which applies to which task kind).
+MSE; its docstring tells which applies to which task kind) and
+:mod:`~lightning_mtkd.losses.relational` the relational and contrastive feature losses (RKD, CRD).
 """
 
 from lightning_mtkd.losses.functional import (
@@ -23,12 +24,23 @@ from lightning_mtkd.losses.logits import (
     sigmoid_mse_loss,
     standardize_logits,
 )
+from lightning_mtkd.losses.relational import (
+    ContrastiveMemory,
+    CRDEmbed,
+    crd_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+)
 
 __all__ = [
+    "CRDEmbed",
+    "ContrastiveMemory",
     "attention_map",
     "attention_probability_loss",
     "attention_transfer_loss",
     "binary_soft_target_kd",
+    "crd_loss",
     "dist_loss",
     "dkd_loss",
     "dkd_terms",
@@ -36,6 +48,9 @@ __all__ = [
     "kl_loss",
     "logit_mse_loss",
     "masked_mean",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
     "sigmoid_mse_loss",
     "soft_target_kd",
     "standardize_logits",

@@ -129,7 +129,7 @@ def _target_mask(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Ten
             f"got {tuple(target.shape)}."
         )
     present = target != ignore_index
-    safe_target = target.masked_fill(~present, 0).unsqueeze(1)
+    safe_target = target.masked_fill(~present, 0).long().unsqueeze(1)  # scatter_ wants int64
     mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, safe_target, True)
     return mask & present.unsqueeze(1), present
 
@@ -208,10 +208,11 @@ def dkd_loss(
         \big(\alpha\,\mathrm{TCKD}_b + \beta\,\mathrm{NCKD}_b\big)
 
     with the terms of :func:`dkd_terms`. Plain KD weights NCKD by :math:`1 - p^t_t`, which shrinks it
-    exactly when the teacher is confident; DKD frees that weight (``beta``, 8 for CIFAR-100 in the
-    paper, 0.5 to 8 elsewhere). The authors also ramp the loss up over the first 20 epochs: that
-    schedule belongs to the strategy's KD weight, not here. With ``standardize=True`` both logits are
-    z-scored first (:func:`standardize_logits`; Sun et al., CVPR 2024, applied it to DKD too).
+    exactly when the teacher is confident; DKD frees that weight (the authors' configs: ``beta`` 8 at
+    :math:`T = 4` on CIFAR-100, 0.5 at :math:`T = 1` on ImageNet). They also ramp the loss up linearly
+    over the first epochs (20 on CIFAR-100): that schedule belongs to the strategy's KD weight, not
+    here. With ``standardize=True`` both logits are z-scored first (:func:`standardize_logits`; Sun et
+    al., CVPR 2024, applied it to DKD too).
 
     Samples (or pixels, for dense ``(B, C, H, W)`` logits with ``(B, H, W)`` labels) with a missing
     label contribute nothing; the loss is 0, not NaN, when every label is missing.
