@@ -11,13 +11,15 @@ loss                                   classification  segmentation  multilabel 
                                        ``(B, C)``      ``(B, C,      ``(B, L)``  normals
                                                        H, W)``
 =====================================  ==============  ============  ==========  =================
-:func:`kl_loss` (Hinton; ± standard.)  yes             per pixel     no [1]_     no
+:func:`kl_loss`                       yes             per pixel     no [1]_     no
 :func:`dkd_loss` (needs labels)        yes             per pixel     no [2]_     no
 :func:`dist_loss`                      yes             pixels as     no          no
                                                        samples
 :func:`logit_mse_loss`                 yes             yes           yes         yes [3]_
 :func:`sigmoid_mse_loss`               no              no            yes         no
 =====================================  ==============  ============  ==========  =================
+
+``standardize=True`` (:func:`kl_loss`, :func:`dkd_loss`) keeps the rows of its loss.
 
 .. [1] independent sigmoids: use :func:`lightning_mtkd.losses.binary_soft_target_kd` (per-label
    Bernoulli KL). Logit standardisation is not offered there: z-scoring across labels would couple
@@ -35,7 +37,8 @@ from torch import Tensor
 
 from lightning_mtkd.losses.functional import masked_mean, soft_target_kd
 
-#: Label of a missing target, as in :class:`lightning_mtkd.Task` and :func:`torch.nn.functional.cross_entropy`.
+#: Label of a missing target, as in :func:`torch.nn.functional.cross_entropy` and ``lightning_mtkd.tasks``
+#: (restated, not imported: ``tasks`` imports this package).
 IGNORE_INDEX = -100
 
 #: Added to the standard deviation in :func:`standardize_logits`, as in Sun et al.'s code.

@@ -137,9 +137,9 @@ def crd_loss(
     plus the teacher anchor against the student's bank (the two symmetric parts of the authors'
     ``CRDLoss``, summed as there). The paper and its code (RepDistiller) use a binary NCE critic
     instead, with the normaliser :math:`Z` fixed from the first batch and the noise term
-    :math:`K/N`; the authors' code for CMC (Tian, Krishnan & Isola, ECCV 2020), whose memory bank CRD
-    reuses, offers this softmax form beside NCE (``NCESoftmaxLoss``, "a.k.a. info-NCE"), and most CRD
-    reimplementations use it: no :math:`Z`, no :math:`N`, and a loss that is a proper cross-entropy.
+    :math:`K/N`. The authors' code for CMC (Tian, Krishnan & Isola, ECCV 2020), whose memory bank
+    CRD's closely follows, offers this softmax form beside NCE (``NCESoftmaxLoss``, "a.k.a. info-NCE"),
+    and many CRD reimplementations use it: no :math:`Z` to estimate, no :math:`N` in the loss.
     As in the paper the positives are the bank rows of the same sample (not the other network's
     current embedding), so compute the loss *before* :meth:`ContrastiveMemory.update` for the batch.
 
@@ -230,9 +230,9 @@ class ContrastiveMemory(nn.Module):
 
     Both banks are buffers, so they are saved in ``state_dict`` (an exact resume) and moved with the
     module, and never trained. Rows start as random unit vectors (the authors' start uniform in a
-    small cube, unnormalised; either way the first epoch's positives are noise). After computing :func:`crd_loss`
-    for a batch, call :meth:`update` with the batch's dataset indices and embeddings (Tian et al.,
-    ICLR 2020):
+    small cube, unnormalised; either way the first epoch's positives are noise). After computing
+    :func:`crd_loss` for a batch, call :meth:`update` with the batch's dataset indices and embeddings
+    (Tian et al., ICLR 2020):
 
     .. math::
         M_i \leftarrow \frac{m M_i + (1 - m) v_i}{\|m M_i + (1 - m) v_i\|_2}
