@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FeatureDistance = Literal["l2", "cosine", "l1"]
+FeatureDistance = Literal["l2", "cosine", "l1", "cka"]
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -57,20 +57,37 @@ def binary_soft_target_kd(student_logits: Tensor, teacher_logits: Tensor, temper
 
 
 def feature_distance(student: Tensor, teacher: Tensor, distance: FeatureDistance = "l2") -> Tensor:
-    r"""Distance between (adapted) student and teacher features, channel-wise L2-normalised.
+    r"""Distance between (adapted) student and teacher features.
 
-    Features are ``(B, C)`` vectors or ``(B, C, ...)`` maps; :math:`\hat f = f / \|f\|_2` over channels
-    (dimension 1) at each position, then, averaged over batch and positions:
+    Features are ``(B, C)`` vectors or ``(B, C, ...)`` maps. ``l2``, ``l1`` and ``cosine`` compare each
+    sample at each position, after :math:`\hat f = f / \|f\|_2` over channels (dimension 1), averaged over
+    batch and positions; they need equal shapes:
 
     - ``l2``: :math:`\|\hat f_s - \hat f_t\|_2^2` (Li & Bilen, *Knowledge Distillation for Multi-task
       Learning*, ECCV-W 2020; a normalised FitNets hint, Romero et al., ICLR 2015),
     - ``l1``: :math:`\|\hat f_s - \hat f_t\|_1`,
     - ``cosine``: :math:`1 - \cos(f_s, f_t)`.
+
+    ``cka`` compares the two batches as wholes: :math:`1 - \mathrm{CKA}(X, Y)`, the linear centred kernel
+    alignment of the features flattened to :math:`X \in \mathbb{R}^{B \times D_s}`,
+    :math:`Y \in \mathbb{R}^{B \times D_t}` (Kornblith et al., *Similarity of Neural Network
+    Representations Revisited*, ICML 2019), used as a feature-distillation loss by Li, Liu & Bilen
+    (*Universal Representation Learning from Multiple Domains for Few-shot Classification*, ICCV 2021):
+
+    .. math::
+        \mathrm{CKA}(X, Y) = \frac{\langle K_c, L_c\rangle_F}{\|K_c\|_F\,\|L_c\|_F}, \qquad
+        K_c = H X X^\top H,\; L_c = H Y Y^\top H,\; H = I_B - \tfrac{1}{B}\mathbf{1}\mathbf{1}^\top
+
+    It is invariant to orthogonal transforms and isotropic scaling of either side and only the batch
+    sizes must agree, so student and teacher widths (and spatial sizes) may differ: no adaptor is
+    needed. It lies in [0, 1]; a batch of one sample (nothing to compare) gives 1 with zero gradient.
     """
+    if distance == "cka":
+        return 1 - _linear_cka(student, teacher)
     if student.shape != teacher.shape:
         raise ValueError(
             f"feature shapes differ: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}; "
-            "an adaptor must map the student feature to the teacher's shape first."
+            "an adaptor must map the student feature to the teacher's shape first (or use distance='cka')."
         )
     if distance == "cosine":
         return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
@@ -80,7 +97,27 @@ def feature_distance(student: Tensor, teacher: Tensor, distance: FeatureDistance
         return (s - t).pow(2).sum(dim=1).mean()
     if distance == "l1":
         return (s - t).abs().sum(dim=1).mean()
-    raise ValueError(f"unknown feature distance {distance!r}; use 'l2', 'cosine' or 'l1'.")
+    raise ValueError(f"unknown feature distance {distance!r}; use 'l2', 'cosine', 'l1' or 'cka'.")
+
+
+def _linear_cka(student: Tensor, teacher: Tensor) -> Tensor:
+    """Linear CKA of two batches of features ``(B, ...)``, widths free (see :func:`feature_distance`)."""
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"CKA compares the same samples: batch sizes differ, student {student.shape[0]} vs teacher "
+            f"{teacher.shape[0]}."
+        )
+    # Gram matrices are B x B whatever the widths: cheaper than the D_s x D_t cross-covariance for
+    # flattened conv maps, where D is much larger than B. Centring the features centres the Grams.
+    x = student.flatten(1)
+    y = teacher.flatten(1)
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    gram_x, gram_y = x @ x.T, y @ y.T
+    alignment = (gram_x * gram_y).sum()
+    # A constant batch has a zero Gram: 0/tiny gives CKA 0 (distance 1), never NaN.
+    scale = (torch.linalg.matrix_norm(gram_x) * torch.linalg.matrix_norm(gram_y)).clamp_min(torch.finfo(x.dtype).tiny)
+    return alignment / scale
 
 
 def _per_sample(weights: Tensor, like: Tensor) -> Tensor:
