@@ -58,7 +58,7 @@ def upsample_digits(images: np.ndarray, scale: int) -> np.ndarray:
         >>> up.shape, up.dtype, int(up.min()), int(up.max())
         ((1, 16, 16), dtype('uint8'), 255, 255)
     """
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1)  # a copy: the cached digits are read-only
     if scale > 1:
         x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
     return x.squeeze(1).mul(255.0 / 16.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
