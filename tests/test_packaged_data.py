@@ -57,7 +57,7 @@ def test_abalone_batch():
 def test_optdigits_batch():
     dm = ready(MultiOptDigitsDataModule(num_train=40, num_val=8, num_test=8, batch_size=16))
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input"].shape == (16, 1, 32, 32) and batch["input"].dtype == torch.float32
+    assert batch["input"].shape == (16, 1, 28, 28) and batch["input"].dtype == torch.float32
     assert batch["input"].min() >= 0 and batch["input"].max() <= 1
     for task in ("left", "right"):
         labels = batch["targets"][task]
