@@ -40,7 +40,7 @@ Markers: an HTML comment on the line right before the fence.
 - ``<!-- parse-only: why -->`` (bash only): each ``lightning-mtkd`` command is parsed and its objects built
   (``run=False``), not run — for commands that read data files the repository does not hold.
 
-The whole file takes about a minute and a half on two CPU cores.
+The whole file takes about two minutes on two CPU cores.
 """
 
 from __future__ import annotations
