@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint quality benchmarks clean
+.PHONY: setup demo test docs lint quality benchmarks clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:warnings
 
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or reference is an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 quality: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/quality.py
 
@@ -38,4 +42,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .cache checkpoints lightning_logs
+	rm -rf $(VENV) .cache checkpoints lightning_logs site
