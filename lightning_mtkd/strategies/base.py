@@ -529,7 +529,7 @@ class DistillationModule(MultiTaskModule):
                 feature_tensor(step.student.features[pair.student], pair.student)
             )
             teacher = feature_tensor(step.teachers[pair.teacher].features[pair.teacher_path], pair.teacher_path)
-            if student.dim() == 3:
+            if student.dim() == 3 and pair.distance != "cka":  # CKA compares whole batches, not positions
                 distance = token_feature_distance(student, teacher, pair.distance, _token_mask(step, student))
             else:
                 distance = feature_distance(student, teacher, pair.distance)

@@ -40,7 +40,7 @@ class SharedDistiller(DistillationModule):
         student_feature: Dotted path of the student's shared representation (``None``: found).
         teacher_feature: Dotted path of the teacher's shared representation (``None``: found).
         hint_weight: ``β``, the hint term's weight (0 turns the hint off).
-        distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
+        distance: ``l2`` on normalised features, ``cosine``, ``l1``, or ``cka`` (linear CKA, any widths).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``optimizer``, …).
 
     Example (YAML)::

@@ -38,8 +38,6 @@ class TaskSpecificDistiller(DistillationModule):
             teach the tasks that ``task_teachers`` maps to them.
         tasks: The tasks; each needs a teacher.
         task_teachers: ``{task: teacher name}`` for tasks whose teacher is not named after them.
-        temperature: Soft-target temperature ``T``.
-        alpha: Distillation share in [0, 1].
         student_feature: Dotted path of the student's shared representation (``None``: the input of its
             task heads, found by a dry run).
         teacher_feature: Dotted path of the feature in each teacher: one path for all, or
@@ -48,7 +46,7 @@ class TaskSpecificDistiller(DistillationModule):
             0.1 is light because the one shared student feature is pulled towards several teachers at
             once: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20-epoch students) β = 1 closed 15%
             of the teacher–scratch gap, β = 0 23%, β = 0.1 34%.
-        distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
+        distance: ``l2`` on normalised features, ``cosine``, ``l1``, or ``cka`` (linear CKA, any widths).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::

@@ -46,8 +46,6 @@ class TransferDistiller(DistillationModule):
         teacher: The multi-task teacher: a module or a ``MultiTaskModule`` checkpoint path.
         tasks: The tasks; each must be predicted by exactly one student, and output by the teacher.
         groups: ``{student name: [tasks]}`` for students of several tasks.
-        temperature: Soft-target temperature ``T``.
-        alpha: Distillation share in [0, 1].
         student_feature: Dotted path of the feature in each student (``None``: the input of its task heads,
             found by a dry run; ``"backbone"`` for a ``MultiTaskNet``).
         teacher_feature: Dotted path of the teacher's common feature (``None``: found likewise).
@@ -55,7 +53,7 @@ class TransferDistiller(DistillationModule):
             is light because a small per-task student cannot afford to spend much of itself on imitating
             the teacher's whole shared feature: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20 epochs,
             10.5K students) β = 1 closed 19% of the teacher–scratch gap, β = 0.1 29%, β = 0 30%.
-        distance: ``l2`` on normalised features, ``cosine`` or ``l1``.
+        distance: ``l2`` on normalised features, ``cosine``, ``l1``, or ``cka`` (linear CKA, any widths).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
