@@ -38,6 +38,8 @@ from lightning_mtkd import (
     AttentionPair,
     FusionDistiller,
     MultiTaskModule,
+    MutualDistiller,
+    SelfDistiller,
     SharedDistiller,
     TaskSpecificDistiller,
     TransferDistiller,
@@ -105,7 +107,22 @@ ROWS: dict[str, Row] = {
     "fusion": lambda t, c: FusionDistiller(
         _student(c), {"multitask": t.multitask, **t.single_task}, TASKS, **_distill(c)
     ),
+    # The losses of the single-task KD libraries, inside the same shared step (rows as `shared`, one setting apart).
+    "shared-dkd": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, kd_loss="dkd", **_distill(c)),
+    "shared-dist": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, kd_loss="dist", **_distill(c)),
+    "shared-ls": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, kd_loss="ls", **_distill(c)),
+    "hint-cka": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, distance="cka", **_distill(c)),
+    "hint-rkd": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, distance="rkd", **_distill(c)),
+    "hint-crd": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, distance="crd", **_distill(c)),
+    # Online: no trained teacher. Mutual learning with the two per-task students as peers; an EMA of the student.
+    "mutual": lambda t, c: MutualDistiller(_student(c), _per_task_students(c), TASKS, **_distill(c)),
+    "self-ema": lambda t, c: SelfDistiller(_student(c), TASKS, **_distill(c)),
 }
+
+#: Rows that change one setting of `shared` (plain soft targets, its default hint): also compared with it.
+VERSUS_SHARED = ("shared-dkd", "shared-dist", "shared-ls", "hint-cka", "hint-rkd", "hint-crd", "mutual", "self-ema")
+#: The rows `make quality` runs by default (the six strategies); the others are asked for with --rows.
+DEFAULT_ROWS = ["scratch", "scratch-per-task", "shared", "task-specific", "transfer", "adaptive", "attention", "fusion"]
 
 
 #: Scratch rows: the baselines, trained on labels alone.
@@ -264,6 +281,10 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
         entry["gap_closed"] = (entry["mean"][0] - baseline_mean) / (teacher_mean - baseline_mean)
         entry["beats_scratch"] = entry["mean"][0] - baseline_mean > max(entry["mean"][1], _std(baseline_seeds))
+        if name in VERSUS_SHARED and "shared" in rows:
+            shared_seeds = mean_over_tasks(rows["shared"]["acc"])
+            entry["vs_shared"] = entry["mean"][0] - statistics.fmean(shared_seeds)
+            entry["beats_shared"] = entry["vs_shared"] > max(entry["mean"][1], _std(shared_seeds))
         summary.append(entry)
     return summary
 
@@ -282,6 +303,7 @@ def markdown(summary: list[dict[str, Any]], result: dict[str, Any]) -> str:
         "gap closed",
         "vs",
         "beats it",
+        "vs shared",
         "params",
         "latency ms",
     ]
@@ -294,6 +316,10 @@ def markdown(summary: list[dict[str, Any]], result: dict[str, Any]) -> str:
         cells.append(f"{100 * e['gap_closed']:.0f}%" if "gap_closed" in e else "")
         cells.append(e.get("baseline", ""))
         cells.append(("yes" if e["beats_scratch"] else "**no**") if "beats_scratch" in e else "")
+        if "vs_shared" in e:  # the change in mean accuracy over `shared`, and whether it exceeds the seed std
+            cells.append(f"{100 * e['vs_shared']:+.2f}" + (" (beats it)" if e["beats_shared"] else ""))
+        else:
+            cells.append("")
         cells += [f"{e['params']:,}", f"{e['latency_ms']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     config = result["config"]
@@ -336,7 +362,8 @@ def chart(summary: list[dict[str, Any]], path: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Every strategy's student against the scratch student.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
+    parser.add_argument("--name", default="quality", help="the results files' stem: <out>/<name>.md and .png")
     parser.add_argument("--epochs", type=int, help="student epochs (default: the demo's)")
     parser.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: the demo's)")
     parser.add_argument("--num-train", type=int, help="training composites (default: the demo's)")
@@ -353,16 +380,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config["data"].update(num_train=args.num_train, num_val=max(64, args.num_train // 5))
         config["data"]["num_test"] = config["data"]["num_val"]
     for row in [*args.rows]:
-        baseline = BASELINE.get(row, "scratch")
-        if baseline not in args.rows:
-            args.rows.insert(0, baseline)
+        needed = [BASELINE.get(row, "scratch")] + (["shared"] if row in VERSUS_SHARED else [])
+        args.rows[:0] = [name for name in needed if name not in args.rows]
     result = run(config, args.seeds, args.rows, args.root, args.workers)
     summary = summarise(result)
     os.makedirs(args.out, exist_ok=True)
     table = markdown(summary, result)
-    with open(os.path.join(args.out, "quality.md"), "w") as f:
-        f.write("# Quality benchmark (benchmarks/quality.py)\n\n" + table)
-    chart(summary, os.path.join(args.out, "quality.png"))
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+        f.write(f"# Quality benchmark (benchmarks/quality.py --name {args.name})\n\n" + table)
+    chart(summary, os.path.join(args.out, f"{args.name}.png"))
     print(table)
     return {"summary": summary, "result": result}
 

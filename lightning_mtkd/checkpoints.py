@@ -43,8 +43,10 @@ def given_by_cli() -> dict[str, Any] | None:
 
 
 def exposed_parameters(cls: type) -> list[str]:
-    """The constructor arguments a class takes: its own, plus its parent's when it passes ``**kwargs`` on."""
-    names: list[str] = []
+    """The constructor arguments a class takes: its own, plus its parent's when it passes ``**kwargs`` on
+    (less those it sets itself, named in its ``fixed_parameters``: an EMA teacher is made, not given)."""
+    fixed = set(getattr(cls, "fixed_parameters", ()))
+    names: list[str] = list(fixed)
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
@@ -53,7 +55,7 @@ def exposed_parameters(cls: type) -> list[str]:
         names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             break
-    return names
+    return [name for name in names if name not in fixed]
 
 
 def save_init_arguments(module: MultiTaskModule, frame: types.FrameType | None) -> None:

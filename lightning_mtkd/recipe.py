@@ -119,10 +119,10 @@ def fit_and_test(
     """Fit for ``epochs``, keep the epoch with the lowest ``val/loss`` (model selection on validation
     only), and return its test metrics (``test/<task>/acc`` …), the test split read once.
 
-    A distillation module runs with ``cache`` (a :class:`TeacherCache`, in memory by default): the
-    teachers run once per sample instead of once per sample and epoch.
+    A distillation module with frozen teachers runs with ``cache`` (a :class:`TeacherCache`, in memory by
+    default): the teachers run once per sample instead of once per sample and epoch.
     """
-    if cache is None and isinstance(module, DistillationModule):
+    if cache is None and isinstance(module, DistillationModule) and module.fixed_teachers:
         cache = TeacherCache(storage="memory")
     shutil.rmtree(workdir, ignore_errors=True)
     best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val/loss", mode="min")

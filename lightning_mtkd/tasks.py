@@ -26,6 +26,7 @@ from torchmetrics import MeanAbsoluteError, MeanAbsolutePercentageError, MeanSqu
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex, MultilabelF1Score
 
 from lightning_mtkd.losses import functional as LF
+from lightning_mtkd.losses import logits as LL
 from lightning_mtkd.metrics import MeanAngularError, WithinAngle
 
 TaskKind = Literal["classification", "multilabel", "regression", "segmentation", "depth", "normals"]
@@ -39,6 +40,23 @@ FIXED_CHANNELS = {"depth": 1, "normals": 3}
 
 #: Label that marks a missing classification / multilabel target (PyTorch's own ignore index).
 IGNORE_INDEX = -100
+
+#: The logit distillation losses (:mod:`lightning_mtkd.losses.logits`): Hinton's soft targets ``kl``, the same on
+#: standardised logits ``ls`` (Sun et al., CVPR 2024), decoupled KD ``dkd`` (Zhao et al., CVPR 2022) and ``dkd+ls``,
+#: DIST's correlations ``dist`` (Huang et al., NeurIPS 2022), ``mse`` on outputs, ``l1`` and ``cosine`` for maps.
+KDLoss = Literal["kl", "ls", "dkd", "dkd+ls", "dist", "mse", "l1", "cosine"]
+
+#: The distillation losses each task kind accepts; the first is its default. Softmax losses need a class axis,
+#: so multilabel heads (independent sigmoids) take the per-label Bernoulli KL or MSE, and real-valued heads the
+#: distances that apply to values.
+KD_LOSSES: dict[str, tuple[str, ...]] = {
+    "classification": ("kl", "ls", "dkd", "dkd+ls", "dist", "mse"),
+    "segmentation": ("kl", "ls", "dkd", "dkd+ls", "dist", "mse"),
+    "multilabel": ("kl", "mse"),
+    "regression": ("mse",),
+    "depth": ("l1", "mse"),
+    "normals": ("cosine", "mse"),
+}
 
 
 @dataclass(frozen=True)
@@ -254,17 +272,44 @@ class Task:
             per = F.mse_loss(output, torch.where(mask, target, output.detach()), reduction="none")
         return per, mask
 
-    def distillation_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-        """Soft-target loss between student and teacher outputs of this task (labels not needed)."""
-        if self.kind in ("classification", "segmentation"):  # per pixel for segmentation
-            return LF.soft_target_kd(student, teacher, temperature)
-        if self.kind == "multilabel":
+    def distillation_loss(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        temperature: float,
+        loss: KDLoss | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The distillation loss between student and teacher outputs of this task.
+
+        ``loss`` names it (:data:`KD_LOSSES` lists what each kind accepts; ``None``: the kind's first, its
+        natural soft-target loss). ``labels`` are needed by ``dkd`` only (the target class; missing labels
+        are left out), and unused otherwise. The formulas and papers are in :mod:`lightning_mtkd.losses.logits`.
+        """
+        loss = loss or KD_LOSSES[self.kind][0]
+        if loss in ("dkd", "dkd+ls"):
+            if labels is None:
+                raise ValueError(f"Task {self.name!r}: the dkd distillation loss needs the batch's labels.")
+            return LL.dkd_loss(student, teacher, labels, temperature=temperature, standardize=loss == "dkd+ls")
+        if loss in ("kl", "ls") and self.kind in ("classification", "segmentation"):  # per pixel for segmentation
+            return LL.kl_loss(student, teacher, temperature, standardize=loss == "ls")
+        if loss == "kl":  # multilabel: per-label Bernoulli KL
             return LF.binary_soft_target_kd(student, teacher, temperature)
-        if self.kind == "depth":
+        if loss == "dist":
+            return LL.dist_loss(student, teacher, temperature=temperature)
+        if loss == "l1":
             return F.l1_loss(student, teacher)
-        if self.kind == "normals":
+        if loss == "cosine":
             return LF.cosine_distance_map(student, teacher)
-        return F.mse_loss(student, teacher)
+        return LL.logit_mse_loss(student, teacher.reshape(student.shape))
+
+    def check_kd_loss(self, loss: str | None) -> None:
+        """Raise a clear error if ``loss`` is not a distillation loss for this task's kind."""
+        if loss is not None and loss not in KD_LOSSES[self.kind]:
+            raise ValueError(
+                f"Task {self.name!r} ({self.kind}): kd_loss {loss!r} does not apply; a {self.kind} task takes "
+                f"{list(KD_LOSSES[self.kind])} (the first is its default)."
+            )
 
     # ----------------------------------------------------------------------------------- metrics
     @property

@@ -42,8 +42,6 @@ class Teachers:
     """
 
     def __init__(self, teacher: TeacherSource | Mapping[str, TeacherSource], loader: Callable[[str, str], nn.Module]):
-        if isinstance(teacher, Mapping) and not teacher:
-            raise ValueError("no teacher given: pass `teacher=` (a module, a checkpoint path, or a dict of them).")
         sources = dict(teacher) if isinstance(teacher, Mapping) else {TEACHER: teacher}
         for name, source in sources.items():
             if isinstance(source, str) and not source:

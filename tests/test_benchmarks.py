@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -19,6 +21,8 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
     # Imported by name from sys.path (not from a file location) so that its worker processes can import it too.
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     quality = importlib.import_module("quality")
+    # The six strategies, and one row of each other kind: a logit loss, a contrastive hint, the two online ones.
+    ROWS = [*quality.DEFAULT_ROWS, "shared-dkd", "hint-crd", "mutual", "self-ema"]
     out = quality.main(
         [
             "--workers",
@@ -35,12 +39,14 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
             str(tmp_path / "cache"),
             "--out",
             str(tmp_path),
+            "--rows",
+            *ROWS,
         ]
     )
     rows = {entry["row"] for entry in out["summary"]}
-    assert rows == {"teacher", *quality.ROWS}
+    assert rows == {"teacher", *ROWS}
     table = (tmp_path / "quality.md").read_text()
-    for row in quality.ROWS:
+    for row in ROWS:
         assert f"| {row} |" in table
     assert (tmp_path / "quality.png").stat().st_size > 1000
     single_task = out["result"]["single_task_teachers"]
@@ -48,6 +54,8 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
     assert f"Single-task teachers (task-specific and fusion): left {100 * single_task['left']:.2f} %" in table
     shared = next(e for e in out["summary"] if e["row"] == "shared")
     assert {"delta_m", "gap_closed", "beats_scratch"} <= set(shared)
+    dkd = next(e for e in out["summary"] if e["row"] == "shared-dkd")  # also compared with plain soft targets
+    assert dkd["vs_shared"] == pytest.approx(dkd["mean"][0] - shared["mean"][0])
     # The teachers are trained once and reused.
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.ckpt")) == [
         "teacher",

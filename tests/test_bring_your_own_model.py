@@ -391,3 +391,41 @@ def test_moved_teacher_files_never_break_evaluation(tmp_path, teacher_files):
     with pytest.warns(UserWarning, match=r"teacher\(s\) not available \(\{'b': \"no file at"):
         quick_trainer(tmp_path).test(moved, test, verbose=False)
     assert not moved.teachers.active
+
+
+def test_heads_that_read_different_inputs_ask_for_the_feature_path():
+    from lightning_mtkd.models.hooks import find_shared_feature
+
+    class TwoTrunks(torch.nn.Module):  # each task with its own trunk: no one shared feature
+        def __init__(self):
+            super().__init__()
+            self.trunk_a, self.trunk_b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+            self.head_a, self.head_b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"a": self.head_a(self.trunk_a(x)), "b": self.head_b(self.trunk_b(x))}
+
+    with pytest.raises(ValueError, match=r"task heads \{'a': 'head_a', 'b': 'head_b'\} read different inputs.*"
+                                         r"`student_feature`"):
+        find_shared_feature(TwoTrunks(), torch.zeros(2, 4), owner="student")
+
+
+def test_a_network_class_that_cannot_be_imported_again_asks_for_the_network(tmp_path):
+    class Local(torch.nn.Module):  # defined in a function: no import path to rebuild it from
+        def __init__(self):
+            super().__init__()
+            self.out = torch.nn.ModuleDict({t.name: torch.nn.Linear(144, 10) for t in IMAGE_TASKS})
+
+        def forward(self, x):
+            return {task: head(x.flatten(1)) for task, head in self.out.items()}
+
+    module = SharedDistiller(Local(), PlainConvNet(), IMAGE_TASKS, hint_weight=0)
+    trainer = quick_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, loaders("plain")[0])
+    path = tmp_path / "local.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"student: this checkpoint does not record how to build the student.*"
+                                         r"load_from_checkpoint\(path, student=my_model\)"):
+        SharedDistiller.load_from_checkpoint(path, weights_only=True, teacher=PlainConvNet())
+    reloaded = SharedDistiller.load_from_checkpoint(path, weights_only=True, teacher=PlainConvNet(), student=Local())
+    assert set(reloaded.model.out) == {"left", "right"}

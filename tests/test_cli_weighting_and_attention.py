@@ -56,7 +56,8 @@ def test_attention_transformer_config_fits_one_step(tmp_path, transformer_teache
 
 
 def test_adaptive_config_fits_one_step_and_updates_weights(tmp_path, conv_teacher):
-    cli = main(fit_args("adaptive.yaml", tmp_path, f"--model.init_args.teacher={conv_teacher}"))
+    cli = main(fit_args("adaptive.yaml", tmp_path, f"--model.init_args.teacher={conv_teacher}",
+                        "--model.init_args.adaptive_temperature=true"))
     for task in ("left", "right"):
         assert f"val/{task}/kd_weight" in cli.trainer.callback_metrics
         assert f"val/{task}/kd_temperature" in cli.trainer.callback_metrics

@@ -36,8 +36,9 @@ def test_fit_test_and_export_exit_zero_and_a_failure_exits_one_with_a_clear_line
     checkpoint = tmp_path / "checkpoints" / "multimnist" / "teacher.ckpt"
     # fast_dev_run saves no checkpoint: write one with a real (tiny) fit, which must also exit 0.
     fit = lightning_mtkd(
-        "fit", "--config", teacher, "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
-        "--trainer.logger=false", "--report.latency_repeats=0", *SMALL_DATA, cwd=tmp_path,
+        "fit", "--config", teacher, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1", "--trainer.logger=false", "--report.latency_repeats=0", *SMALL_DATA,
+        cwd=tmp_path,
     )
     assert fit.returncode == 0 and checkpoint.is_file(), fit.stderr[-2000:]
 

@@ -160,12 +160,12 @@ def test_checkpoints_written_before_the_base_redesign_still_load():
 
     fixtures = Path(__file__).parent / "fixtures"
     expected = torch.load(fixtures / "legacy-0.1-expected.pt", weights_only=True)
-    tasks = [Task("a", num_classes=3), Task("b", num_classes=2)]
-
     def net(hidden):
         return MultiTaskNet(MLPBackbone(in_features=6, hidden=(hidden,)), {"a": 3, "b": 2})
 
-    shared = SharedDistiller.load_from_checkpoint(fixtures / "legacy-0.1-shared.ckpt", weights_only=True, teacher=net(8))
+    shared = SharedDistiller.load_from_checkpoint(
+        fixtures / "legacy-0.1-shared.ckpt", weights_only=True, teacher=net(8)
+    )
     assert shared.adaptors["hint"].proj.in_features == 4
     fusion = FusionDistiller.load_from_checkpoint(
         fixtures / "legacy-0.1-fusion-learned.ckpt", weights_only=True, teacher={"x": net(8), "y": net(5)}

@@ -16,6 +16,8 @@ from lightning_mtkd import (
     AttentionPair,
     FusionDistiller,
     MultiTaskModule,
+    MutualDistiller,
+    SelfDistiller,
     SharedDistiller,
     TaskSpecificDistiller,
     TransferDistiller,
@@ -86,6 +88,24 @@ def make_fusion(**options):
     return FusionDistiller(conv_net((4, 8), 16), teachers, TASKS, fusion="learned", adaptor_lr=3e-3, **options)
 
 
+def make_crd(**options):
+    """Contrastive representation distillation: projection heads and memory banks keyed by batch['index']."""
+    return SharedDistiller(conv_net((4, 8), 16), teacher_net(), TASKS, distance="crd", kd_loss="dkd", **options)
+
+
+def make_mutual(**options):
+    """Deep mutual learning: a student and a single-task peer, both trained."""
+    return MutualDistiller(conv_net((4, 8), 16), {"left": single_task_net("left")}, TASKS, **options)
+
+
+def make_self(**options):
+    """An EMA teacher of the student itself (saved in the checkpoint), with a hint to its feature (an adaptor).
+
+    (A batch-relational distance, cka or rkd, would differ under DDP by design: each rank relates its own samples.)
+    """
+    return SelfDistiller(conv_net((4, 8), 16), TASKS, ema_decay=0.9, hint_weight=0.5, **options)
+
+
 #: Factories at module scope, so ddp_spawn can pickle them.
 STRATEGIES = {
     "scratch": make_scratch,
@@ -95,7 +115,12 @@ STRATEGIES = {
     "adaptive": make_adaptive,
     "attention": make_attention,
     "fusion": make_fusion,
+    "crd": make_crd,
+    "mutual": make_mutual,
+    "self": make_self,
 }
+#: Teachers that learn while the student does: their outputs cannot be cached.
+ONLINE = ("mutual", "self")
 DISTILLERS = [name for name in STRATEGIES if name != "scratch"]
 
 
@@ -229,6 +254,12 @@ def test_ddp_two_cpu_processes_match_a_single_process_evaluation(name, tmp_path)
         torch.testing.assert_close(reloaded(x)[task], module(x)[task])
     if name == "scratch":
         return
+    if name in ONLINE:  # the peers or the EMA teacher are in the checkpoint: they evaluate alike too
+        again = _validate(reloaded, tmp_path)
+        torch.testing.assert_close(again["val/left/teacher_acc"], single["val/left/teacher_acc"])
+        with pytest.raises(RuntimeError, match="cannot be cached: remove the TeacherCache"):
+            _fit(STRATEGIES[name], tmp_path / "cached", epochs=1, callbacks=[TeacherCache(storage="memory")])
+        return
     # With its teachers back, the reloaded student evaluates exactly as the trained one (fused targets included).
     again = _validate(reloaded, tmp_path)
     for key in ("val/left/acc", "val/loss", "val/left/teacher_acc", "val/right/teacher_acc"):
@@ -247,7 +278,7 @@ def test_ddp_two_cpu_processes_match_a_single_process_evaluation(name, tmp_path)
 
 def _teacher_kwargs(module):
     """The teachers a strategy's checkpoint needs back (teachers given as modules are never saved)."""
-    if not hasattr(module, "teachers"):
+    if not hasattr(module, "teachers") or "teacher" in getattr(type(module), "fixed_parameters", ()):
         return {}
     teachers = {
         name: teacher_net() if name in ("teacher", "multitask") else single_task_teacher(name)

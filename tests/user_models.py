@@ -104,7 +104,8 @@ class TimmStyleBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), TimmStyleAttention(dim, num_heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))

@@ -45,6 +45,21 @@ def example_inputs(module: L.LightningModule, stage: str, count: int = 2) -> Any
     return to_device(first_samples(example, count), module.device)
 
 
+def training_set_size(module: L.LightningModule) -> int:
+    """The number of training samples (the rows of a memory bank keyed by ``batch["index"]``)."""
+    loader = stage_dataloader(module, "fit")
+    loaders = loader.iterables if isinstance(loader, CombinedLoader) else loader
+    loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    sizes = [len(getattr(one, "dataset", ())) for one in loaders]  # type: ignore[arg-type]
+    if not all(sizes):
+        raise RuntimeError(
+            "a memory bank keyed by batch['index'] needs the training set's size: train from a DataModule or from "
+            "DataLoaders over map-style data sets."
+        )
+    return sum(sizes)
+
+
 def stage_dataloader(module: L.LightningModule, stage: str) -> Any:
     """The loader(s) of ``stage``: from the trainer's DataModule, else those given to the trainer call."""
     trainer = module._trainer

@@ -14,6 +14,7 @@ from lightning_mtkd.losses.functional import (
     feature_distance,
     masked_mean,
     soft_target_kd,
+    token_feature_distance,
 )
 from lightning_mtkd.losses.logits import (
     dist_loss,
@@ -31,6 +32,7 @@ from lightning_mtkd.losses.relational import (
     rkd_angle_loss,
     rkd_distance_loss,
     rkd_loss,
+    shifted_negatives,
 )
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "dkd_loss",
     "dkd_terms",
     "feature_distance",
+    "shifted_negatives",
     "kl_loss",
     "logit_mse_loss",
     "masked_mean",
@@ -54,4 +57,5 @@ __all__ = [
     "sigmoid_mse_loss",
     "soft_target_kd",
     "standardize_logits",
+    "token_feature_distance",
 ]

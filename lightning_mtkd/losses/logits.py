@@ -11,7 +11,7 @@ loss                                   classification  segmentation  multilabel 
                                        ``(B, C)``      ``(B, C,      ``(B, L)``  normals
                                                        H, W)``
 =====================================  ==============  ============  ==========  =================
-:func:`kl_loss`                       yes             per pixel     no [1]_     no
+:func:`kl_loss`                        yes             per pixel     no [1]_     no
 :func:`dkd_loss` (needs labels)        yes             per pixel     no [2]_     no
 :func:`dist_loss`                      yes             pixels as     no          no
                                                        samples

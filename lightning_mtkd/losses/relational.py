@@ -316,3 +316,25 @@ class ContrastiveMemory(nn.Module):
         )
         index = index.to(draws.device).unsqueeze(1)
         return draws + (draws >= index).long()
+
+
+def shifted_negatives(index: Tensor, k: int, num_samples: int, seed: int) -> Tensor:
+    """``(B, k)`` negatives: each sample's index shifted by ``k`` offsets drawn from ``seed``, modulo ``num_samples``.
+
+    The offsets lie in ``[1, num_samples)``, so a sample is never its own negative and each of its negatives is
+    uniform over the other rows. They depend on ``seed`` alone, so a sample's negatives are the same wherever
+    it falls: in a batch of one process or split across DDP ranks (seed the training step: every rank draws
+    the same offsets), in a run or in its resumption. Vectorised, no host sync (the ``k`` offsets are drawn
+    on the CPU and copied once).
+
+    Example:
+        >>> a = shifted_negatives(torch.tensor([0, 5, 9]), k=4, num_samples=10, seed=3)
+        >>> b = shifted_negatives(torch.tensor([5]), k=4, num_samples=10, seed=3)
+        >>> torch.equal(a[1:2], b), bool((a != torch.tensor([[0], [5], [9]])).all())
+        (True, True)
+    """
+    if k < 1 or num_samples < 2:
+        raise ValueError(f"need k >= 1 and num_samples >= 2, got k={k}, num_samples={num_samples}.")
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(1, num_samples, (k,), generator=generator).to(index.device, non_blocking=True)
+    return (index.long().unsqueeze(1) + offsets) % num_samples

@@ -5,6 +5,7 @@ from lightning_mtkd.strategies.adaptive import AdaptiveDistiller
 from lightning_mtkd.strategies.attention import AttentionDistiller, AttentionPair
 from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, ModelOutputs, MultiTaskModule, Step
 from lightning_mtkd.strategies.fusion import FusionDistiller
+from lightning_mtkd.strategies.online import MutualDistiller, SelfDistiller
 from lightning_mtkd.strategies.shared import SharedDistiller
 from lightning_mtkd.strategies.task_specific import TaskSpecificDistiller
 from lightning_mtkd.strategies.transfer import TransferDistiller, load_student
@@ -18,6 +19,8 @@ __all__ = [
     "FusionDistiller",
     "ModelOutputs",
     "MultiTaskModule",
+    "MutualDistiller",
+    "SelfDistiller",
     "SharedDistiller",
     "Step",
     "TaskSpecificDistiller",

@@ -179,8 +179,10 @@ def default_layer_map(student: nn.Module, teacher: nn.Module) -> list[AttentionP
     meet (the uniform mapping of TinyBERT, Jiao et al. 2020). Without attention layers on both sides:
     the last ``nn.Conv2d`` of each, by attention transfer (Zagoruyko & Komodakis, 2017).
     """
-    models = (student, teacher)
-    found = [[name for name, m in model.named_modules() if attention_kind(m) is not None] for model in models]
+    found = [
+        _innermost([name for name, m in model.named_modules() if attention_kind(m) is not None])
+        for model in (student, teacher)
+    ]
     if all(found):
         students, teachers = found
         depth = [math.ceil((i + 1) * len(teachers) / len(students)) - 1 for i in range(len(students))]
@@ -193,6 +195,11 @@ def default_layer_map(student: nn.Module, teacher: nn.Module) -> list[AttentionP
         "layers in both the student and the teacher to pair; give `layers`, e.g. "
         "[{student: <student layer path>, teacher: <teacher layer path>}]."
     )
+
+
+def _innermost(paths: list[str]) -> list[str]:
+    """The attention modules that hold no other: a Hugging Face layer's ``attention`` wraps ``attention.self``."""
+    return [path for path in paths if not any(other.startswith(f"{path}.") for other in paths)]
 
 
 def _attention_input(features: Mapping[str, Any], path: str, kind: AttentionKind, who: str) -> Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import torch
@@ -43,19 +43,21 @@ from lightning_mtkd.checkpoints import (
     CLASS_KEY,
     as_module,
     check_checkpoint_class,
+    exposed_parameters,
     load_teacher,
     save_init_arguments,
     upgrade_state_dict,
 )
 from lightning_mtkd.config import build_callable, class_path
 from lightning_mtkd.data.base import is_task_batch_dict
-from lightning_mtkd.data.examples import example_inputs
+from lightning_mtkd.data.examples import example_inputs, training_set_size
 from lightning_mtkd.inputs import batch_size, call_model, check_keywords, padding_mask
-from lightning_mtkd.losses.functional import FeatureDistance, feature_distance, token_feature_distance
-from lightning_mtkd.models.adaptors import Adaptor
+from lightning_mtkd.losses.functional import feature_distance, token_feature_distance
+from lightning_mtkd.losses.relational import rkd_loss
+from lightning_mtkd.models.adaptors import Adaptor, CRDHead
 from lightning_mtkd.models.deferred import DeferredModules
 from lightning_mtkd.models.hooks import FeatureTap, feature_tensor, find_shared_feature
-from lightning_mtkd.tasks import Task, as_tasks
+from lightning_mtkd.tasks import KDLoss, Task, as_tasks
 from lightning_mtkd.teachers import TEACHER, Teachers
 from lightning_mtkd.weighting.base import StaticWeighting, Weighting
 
@@ -74,8 +76,9 @@ class ModelOutputs:
 class Step:
     """What the shared step has computed so far; the strategy hooks read it.
 
-    A hook may add loss terms of its own to ``terms`` (fusion's gate loss) and values to log, averaged
-    over the epoch as ``<stage>/<name>``, to ``logs``.
+    A hook may add loss terms of its own to ``terms`` (fusion's gate loss; weighted like the distillation
+    terms), whole losses of other trained networks to ``losses``, and values to log, averaged over the epoch
+    as ``<stage>/<name>``, to ``logs``.
     """
 
     stage: str
@@ -86,6 +89,9 @@ class Step:
     targets: dict[str, Tensor] = field(default_factory=dict)
     terms: dict[str, Tensor] = field(default_factory=dict)
     logs: dict[str, Tensor] = field(default_factory=dict)
+    #: Whole losses of other networks trained in the same step (a mutual-learning peer's), added to the total as
+    #: they are (not through the weighting plug-in) and logged as ``<stage>/<name>``.
+    losses: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def inputs(self) -> Any:
@@ -107,7 +113,9 @@ class FeaturePair:
         teacher_path: Path in the teacher; ``None``: the input of its task heads.
         teacher: The teacher's name.
         weight: The term's weight.
-        distance: How adapted student and teacher features are compared.
+        distance: How student and teacher features are compared (:data:`HintDistance`): through an adaptor
+            by ``l2`` (on channel-normalised features), ``l1`` or ``cosine``; directly by ``cka`` (linear CKA)
+            or ``rkd`` (the relations between the batch's samples); or contrastively by ``crd``.
         adapt: Bridge them with a trainable :class:`~lightning_mtkd.models.Adaptor` and add the term to the
             default :meth:`DistillationModule.distillation_loss`; ``False`` only records both features (a
             strategy compares them itself, as attention distillation does).
@@ -121,7 +129,7 @@ class FeaturePair:
     teacher_path: str | None = None
     teacher: str = TEACHER
     weight: float = 1.0
-    distance: FeatureDistance = "l2"
+    distance: HintDistance = "l2"
     adapt: bool = True
     attention: bool = False
     student_root: str = ""
@@ -131,6 +139,22 @@ class FeaturePair:
     def adaptor_name(self) -> str:
         # Module names cannot hold '.', and '/' separates a term's kind from its task.
         return self.adaptor or self.name.replace("/", "_")
+
+
+#: How a feature hint compares the student's feature with the teacher's:
+#:
+#: - ``l2``, ``l1``, ``cosine``: the student's feature mapped by a trainable adaptor to the teacher's shape,
+#:   then compared position by position on channel-normalised features (FitNets, Romero et al., ICLR 2015;
+#:   Li & Bilen, ECCV-W 2020) — :func:`~lightning_mtkd.losses.functional.feature_distance`;
+#: - ``cka``: ``1 - CKA`` between the two batches of features (Kornblith et al., ICML 2019), any widths, no
+#:   adaptor;
+#: - ``rkd``: distance- and angle-wise relations between the batch's samples (Park et al., CVPR 2019), any
+#:   widths, no adaptor — :func:`~lightning_mtkd.losses.relational.rkd_loss`;
+#: - ``crd``: contrastive representation distillation (Tian et al., ICLR 2020) with projection heads and
+#:   memory banks keyed by ``batch["index"]`` (:class:`~lightning_mtkd.models.adaptors.CRDHead`); training only.
+HintDistance = Literal["l2", "cosine", "l1", "cka", "rkd", "crd"]
+#: The distances that compare features as they are (no adaptor is built for them).
+DIRECT_DISTANCES = ("cka", "rkd")
 
 
 class TeacherOutputSource(Protocol):
@@ -177,7 +201,8 @@ class MultiTaskModule(L.LightningModule):
         # Once, for the whole class chain: a strategy's (or a user's subclass's) own arguments included.
         save_init_arguments(self, inspect.currentframe())
         self.tasks: dict[str, Task] = as_tasks(tasks)
-        self.model = as_module(model, "model")
+        # Errors name the argument the user passes: a strategy takes its network as `student`.
+        self.model = as_module(model, "student" if "student" in exposed_parameters(type(self)) else "model")
         self.weighting = as_module(weighting, "weighting") if weighting is not None else StaticWeighting()
         self.weighting.setup_tasks(self.tasks)
         # None: a checkpoint whose optimizer was a function it could not record (a lambda); needed only to train.
@@ -251,6 +276,9 @@ class MultiTaskModule(L.LightningModule):
         distilling = bool(step.teachers)
         distill_terms = {**self.distillation_loss(step), **step.terms} if distilling else {}
         loss = self.weighting.combine(task_losses, distill_terms, self.distillation_alpha if distilling else 0.0)
+        if step.losses:
+            loss = loss + sum(step.losses.values())
+            step.logs.update(step.losses)
 
         self._update_metrics(step)
         self._log_terms(step, loss, task_losses, distill_terms)
@@ -425,10 +453,20 @@ class DistillationModule(MultiTaskModule):
             losses, so unlabelled samples also get a hard target. Metrics keep the real labels only;
             evaluation is unchanged. Every strategy accepts it.
         unpack_inputs: Pass a dict input as keyword arguments to student and teachers (see ``MultiTaskModule``).
+        kd_loss: The logit distillation loss, one name for every task or ``{task: name}``: ``kl`` (Hinton's
+            soft targets), ``ls`` (the same on standardised logits), ``dkd`` / ``dkd+ls`` (decoupled KD),
+            ``dist`` (DIST), ``mse``; ``l1`` / ``cosine`` for depth / normals maps. ``None`` (or a task left
+            out): the task kind's natural loss. :data:`lightning_mtkd.tasks.KD_LOSSES` lists what each kind
+            accepts; anything else fails here, naming the task.
     """
 
     #: Strategies that distil every task from one multi-task teacher (named ``TEACHER``) set this.
     requires_multitask_teacher: bool = False
+    #: Strategies whose teachers train along with the student (mutual learning) set this: no frozen teacher needed.
+    online: bool = False
+    #: False where the teachers' outputs change while training (online teachers, an EMA teacher): the teacher-output
+    #: cache must not keep them.
+    fixed_teachers: bool = True
 
     def __init__(
         self,
@@ -443,6 +481,7 @@ class DistillationModule(MultiTaskModule):
         scheduler: LRSchedulerCallable | None = None,
         pseudo_label_missing: bool = False,
         unpack_inputs: bool = True,
+        kd_loss: KDLoss | dict[str, KDLoss] | None = None,
     ) -> None:
         super().__init__(student, tasks, weighting, optimizer, scheduler, unpack_inputs)
         if not temperature > 0:
@@ -453,6 +492,9 @@ class DistillationModule(MultiTaskModule):
             raise ValueError(f"adaptor_lr must be > 0, got {adaptor_lr}.")
         if not isinstance(pseudo_label_missing, bool):
             raise TypeError(f"pseudo_label_missing must be True or False, got {pseudo_label_missing!r}.")
+        if isinstance(teacher, Mapping) and not teacher and not self.online:
+            raise ValueError("no teacher given: pass `teacher=` (a module, a checkpoint path, or a dict of them).")
+        self.kd_losses = _per_task_kd_losses(kd_loss, self.tasks)
         self.temperature = float(temperature)
         self.distillation_alpha = float(alpha)
         self.pseudo_label_missing = pseudo_label_missing
@@ -507,11 +549,13 @@ class DistillationModule(MultiTaskModule):
         temperatures: Mapping[str, float] | None = None,
         weights: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """``{"kd/<task>": weight · soft-target loss}`` for every task that has a teacher target."""
+        """``{"kd/<task>": weight · distillation loss}`` for every task that has a teacher target (``kd_loss``)."""
         terms = {}
         for name, target in step.targets.items():
             temperature = temperatures[name] if temperatures is not None else self.temperature
-            loss = self.tasks[name].distillation_loss(step.student.outputs[name], target, temperature)
+            loss = self.tasks[name].distillation_loss(
+                step.student.outputs[name], target, temperature, self.kd_losses.get(name), step.labels.get(name)
+            )
             terms[f"kd/{name}"] = loss if weights is None else weights[name] * loss
         return terms
 
@@ -522,19 +566,33 @@ class DistillationModule(MultiTaskModule):
         # Resolved at setup; before it (a hook called by hand) the pairs whose paths are given.
         pairs = self._pairs or [p for p in self.feature_pairs() if p.student and p.teacher_path]
         for pair in pairs:
-            if not pair.adapt:
+            if not pair.adapt or (pair.distance == "crd" and step.stage != "train"):  # CRD's banks: training only
                 continue
             assert pair.student is not None and pair.teacher_path is not None
-            student = self.adaptors[pair.adaptor_name](
-                feature_tensor(step.student.features[pair.student], pair.student)
-            )
+            student = feature_tensor(step.student.features[pair.student], pair.student)
             teacher = feature_tensor(step.teachers[pair.teacher].features[pair.teacher_path], pair.teacher_path)
-            if student.dim() == 3 and pair.distance != "cka":  # CKA compares whole batches, not positions
-                distance = token_feature_distance(student, teacher, pair.distance, _token_mask(step, student))
-            else:
-                distance = feature_distance(student, teacher, pair.distance)
-            terms[pair.name] = pair.weight * distance
+            terms[pair.name] = pair.weight * self._feature_term(pair, student, teacher, step)
         return terms
+
+    def _feature_term(self, pair: FeaturePair, student: Tensor, teacher: Tensor, step: Step) -> Tensor:
+        if pair.distance == "rkd":
+            return rkd_loss(student, teacher)
+        if pair.distance == "cka":
+            return feature_distance(student, teacher, "cka")
+        if pair.distance == "crd":
+            index = step.batch.get("index")
+            if not isinstance(index, Tensor):
+                raise KeyError(
+                    "the crd feature distance keys its memory banks by batch['index'] (each sample's position in "
+                    "its dataset), but this batch has none. Return 'index' from your dataset (MultiTaskDataset does)."
+                )
+            seed = 1_000_003 * int(self.global_step) + 17  # the same negatives when a run resumes
+            all_gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
+            return self.adaptors[pair.adaptor_name](student, teacher, index, seed, update=True, all_gather=all_gather)
+        adapted = self.adaptors[pair.adaptor_name](student)
+        if adapted.dim() == 3:  # token features: compared token by token, padding left out
+            return token_feature_distance(adapted, teacher, pair.distance, _token_mask(step, adapted))  # type: ignore[arg-type]
+        return feature_distance(adapted, teacher, pair.distance)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ teachers in the step
     #: Where teacher outputs may come from instead of a forward pass: set by the
@@ -596,7 +654,7 @@ class DistillationModule(MultiTaskModule):
                     "multi-task teacher trained on every task in `tasks`."
                 )
         for name in self.tasks:
-            if name not in step.targets:
+            if name not in step.targets and not self.online:  # a task no peer predicts learns from labels alone
                 raise KeyError(
                     f"no teacher outputs task {name!r} (teachers output {produced}). Use a teacher trained on "
                     f"{name!r}, or remove the task from `tasks`."
@@ -615,6 +673,11 @@ class DistillationModule(MultiTaskModule):
         if stage == "predict" or not self.teachers.activate(needed=stage == "fit"):
             self.teachers.active = False
             return
+        if self.teacher_cache is not None and not self.fixed_teachers:
+            raise RuntimeError(
+                f"{type(self).__name__}'s teachers learn while it trains, so their outputs change every step and "
+                "cannot be cached: remove the TeacherCache callback."
+            )
         pairs = self.feature_pairs()
         example = None
         if any(p.student is None or p.teacher_path is None for p in pairs):
@@ -623,7 +686,7 @@ class DistillationModule(MultiTaskModule):
             pairs = [self._resolve(pair, example, found) for pair in pairs]
         self._pairs = pairs
         self._install_taps(pairs)
-        needs_adaptors = any(p.adapt and p.adaptor_name not in self.adaptors for p in pairs)
+        needs_adaptors = any(_needs_module(p) and p.adaptor_name not in self.adaptors for p in pairs)
         wants_extras = type(self).configure_extra_modules is not DistillationModule.configure_extra_modules
         if needs_adaptors or (wants_extras and not len(self.extras)):
             self._build_from_dry_run(example if example is not None else example_inputs(self, stage))
@@ -669,7 +732,7 @@ class DistillationModule(MultiTaskModule):
         device = self.device
         for pair in self._pairs:
             name = pair.adaptor_name
-            if pair.adapt and name not in self.adaptors:
+            if _needs_module(pair) and name not in self.adaptors:
                 assert pair.student is not None and pair.teacher_path is not None
                 student = feature_tensor(dry_run.student.features[pair.student], pair.student, "student")
                 teacher = feature_tensor(
@@ -677,6 +740,11 @@ class DistillationModule(MultiTaskModule):
                     pair.teacher_path,
                     f"teacher {pair.teacher!r}",
                 )
+                if pair.distance == "crd":
+                    self.adaptors[name] = CRDHead.between(student.shape, teacher.shape, training_set_size(self)).to(
+                        device
+                    )
+                    continue
                 self.adaptors[name] = Adaptor.between(
                     student.shape,
                     teacher.shape,
@@ -719,12 +787,25 @@ class DistillationModule(MultiTaskModule):
             self.log_dict(metrics[name], on_step=False, on_epoch=True)
 
 
+def _needs_module(pair: FeaturePair) -> bool:
+    """Whether a feature pair trains a module of its own (an adaptor, or CRD's heads and banks)."""
+    return pair.adapt and pair.distance not in DIRECT_DISTANCES
+
+
 def _token_mask(step: Step, feature: Tensor) -> Tensor | None:
     mask = padding_mask(step.inputs)
     return mask if mask is not None and mask.shape == feature.shape[:2] else None
 
 
-def check_hint(hint_weight: float, student_feature: str | None, teacher_feature: str | None) -> None:
-    """Validate a strategy's feature-hint settings (shared by the strategies that have a hint term)."""
-    if hint_weight < 0:
-        raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
+def _per_task_kd_losses(kd_loss: Any, tasks: Mapping[str, Task]) -> dict[str, Any]:
+    """``{task: loss name}`` from one name or a dict, each checked against its task's kind."""
+    if isinstance(kd_loss, Mapping):
+        unknown = [name for name in kd_loss if name not in tasks]
+        if unknown:
+            raise ValueError(f"kd_loss names unknown task(s) {unknown}; the tasks are {list(tasks)}.")
+        chosen = dict(kd_loss)
+    else:
+        chosen = dict.fromkeys(tasks, kd_loss)
+    for name, loss in chosen.items():
+        tasks[name].check_kd_loss(loss)
+    return {name: loss for name, loss in chosen.items() if loss is not None}

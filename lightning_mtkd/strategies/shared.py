@@ -6,8 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_mtkd.losses.functional import FeatureDistance
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance
 from lightning_mtkd.tasks import Task
 
 
@@ -65,7 +64,7 @@ class SharedDistiller(DistillationModule):
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         hint_weight: float = 1.0,
-        distance: FeatureDistance = "l2",
+        distance: HintDistance = "l2",
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, tasks, **kwargs)
@@ -74,7 +73,7 @@ class SharedDistiller(DistillationModule):
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
-        self.distance: FeatureDistance = distance
+        self.distance: HintDistance = distance
 
     def feature_pairs(self) -> list[FeaturePair]:
         if self.hint_weight == 0:

@@ -7,8 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_mtkd.losses.functional import FeatureDistance
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, Step
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance, Step
 from lightning_mtkd.tasks import Task
 
 
@@ -69,7 +68,7 @@ class TaskSpecificDistiller(DistillationModule):
         student_feature: str | None = None,
         teacher_feature: str | dict[str, str] | None = None,
         feature_weight: float = 0.1,
-        distance: FeatureDistance = "l2",
+        distance: HintDistance = "l2",
         **kwargs: Any,
     ) -> None:
         if not isinstance(teacher, Mapping):
@@ -91,7 +90,7 @@ class TaskSpecificDistiller(DistillationModule):
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.feature_weight = feature_weight
-        self.distance: FeatureDistance = distance
+        self.distance: HintDistance = distance
 
     def feature_path(self, teacher: str) -> str | None:
         """The feature path read in ``teacher`` (``None``: the input of its task heads)."""

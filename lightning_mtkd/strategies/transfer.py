@@ -12,9 +12,8 @@ from torch import nn
 
 from lightning_mtkd.checkpoints import CLASS_KEY
 from lightning_mtkd.config import class_path, to_config
-from lightning_mtkd.losses.functional import FeatureDistance
 from lightning_mtkd.models.students import TaskStudents
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, MultiTaskModule
+from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance, MultiTaskModule
 from lightning_mtkd.tasks import Task, as_tasks
 
 
@@ -79,7 +78,7 @@ class TransferDistiller(DistillationModule):
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         hint_weight: float = 0.1,
-        distance: FeatureDistance = "l2",
+        distance: HintDistance = "l2",
         **kwargs: Any,
     ) -> None:
         if isinstance(student, nn.Module) or not isinstance(student, Mapping) or not student:
@@ -94,7 +93,7 @@ class TransferDistiller(DistillationModule):
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
-        self.distance: FeatureDistance = distance
+        self.distance: HintDistance = distance
 
     @property
     def students(self) -> TaskStudents:
