@@ -2,7 +2,7 @@
 
     lightning-mtkd fit  --config configs/multimnist/teacher.yaml
     lightning-mtkd fit  --config configs/multimnist/shared.yaml [--config configs/logger/wandb.yaml]
-    lightning-mtkd test --config configs/multimnist/shared.yaml --ckpt_path best
+    lightning-mtkd test --config configs/multimnist/shared.yaml --ckpt_path checkpoints/multimnist/shared.ckpt
     lightning-mtkd export --ckpt_path checkpoints/multimnist/shared.ckpt --format onnx --output student.onnx \\
         --input_shape=[1,36,36]
 

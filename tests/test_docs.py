@@ -214,6 +214,11 @@ def test_site_builds_strict(tmp_path):
     assert "scratch-per-task" in benchmarks  # benchmarks/results/quality.md, included
     api = (site / "api" / "strategies" / "index.html").read_text(encoding="utf-8")
     assert 'id="lightning_mtkd.SharedDistiller"' in api and 'class="arithmatex"' in api
+    # reST simple tables and footnotes in module docstrings come out as Markdown tables (docs/_hooks/griffe_rst.py)
+    base = (site / "api" / "base" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r"<td><code>configure_extra_modules</code></td>", base)  # the strategy-hook table
+    losses = (site / "api" / "tasks" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r"<td><code>dkd_loss</code> \(needs labels\)</td>", losses) and 'class="footnote' in losses
 
 
 def test_readme_is_the_short_front_page():
