@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import lightning as L
 import torch
@@ -49,120 +48,27 @@ from lightning_mtkd.checkpoints import (
     upgrade_state_dict,
 )
 from lightning_mtkd.config import build_callable, class_path
-from lightning_mtkd.data.base import is_task_batch_dict
-from lightning_mtkd.data.examples import example_inputs, training_set_size
-from lightning_mtkd.inputs import batch_size, call_model, check_keywords, padding_mask
-from lightning_mtkd.losses.functional import feature_distance, token_feature_distance
-from lightning_mtkd.losses.relational import rkd_loss
-from lightning_mtkd.models.adaptors import Adaptor, CRDHead
+from lightning_mtkd.inputs import batch_size, call_model
+from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.deferred import DeferredModules
-from lightning_mtkd.models.hooks import FeatureTap, feature_tensor, find_shared_feature
+from lightning_mtkd.models.hooks import FeatureTap
+from lightning_mtkd.strategies.checks import check_batch, check_teacher_coverage, per_task_kd_losses
+from lightning_mtkd.strategies.features import hint_terms, prepare_features
+from lightning_mtkd.strategies.step import (
+    FeaturePair,
+    HintDistance,
+    ModelOutputs,
+    Step,
+    TeacherOutputSource,
+)
 from lightning_mtkd.tasks import KDLoss, Task, as_tasks
 from lightning_mtkd.teachers import TEACHER, Teachers
 from lightning_mtkd.weighting.base import StaticWeighting, Weighting
 
 STAGES = ("train", "val", "test")
 
-
-@dataclass
-class ModelOutputs:
-    """What one forward pass of a teacher or the student produced: task outputs and tapped features by path."""
-
-    outputs: dict[str, Tensor]
-    features: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Step:
-    """What the shared step has computed so far; the strategy hooks read it.
-
-    A hook may add loss terms of its own to ``terms`` (fusion's gate loss; weighted like the distillation
-    terms), whole losses of other trained networks to ``losses``, and values to log, averaged over the epoch
-    as ``<stage>/<name>``, to ``logs``.
-    """
-
-    stage: str
-    batch: Mapping[str, Any]
-    student: ModelOutputs
-    teachers: dict[str, ModelOutputs]
-    #: Per task, the teacher output the student distils (``teacher_targets``).
-    targets: dict[str, Tensor] = field(default_factory=dict)
-    terms: dict[str, Tensor] = field(default_factory=dict)
-    logs: dict[str, Tensor] = field(default_factory=dict)
-    #: Whole losses of other networks trained in the same step (a mutual-learning peer's), added to the total as
-    #: they are (not through the weighting plug-in) and logged as ``<stage>/<name>``.
-    losses: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def inputs(self) -> Any:
-        return self.batch["input"]
-
-    @property
-    def labels(self) -> Mapping[str, Tensor]:
-        return self.batch["targets"]
-
-
-@dataclass(frozen=True)
-class FeaturePair:
-    """A student feature taught by a teacher feature: both read by forward hooks, by dotted path.
-
-    Args:
-        name: The term's name: ``"hint"`` (shared), ``"feat/<task>"`` (weighted as that task).
-        student: Path in the student; ``None``: the input of its task heads, found by a dry run
-            (:func:`~lightning_mtkd.models.hooks.find_shared_feature`), searched under ``student_root``.
-        teacher_path: Path in the teacher; ``None``: the input of its task heads.
-        teacher: The teacher's name.
-        weight: The term's weight.
-        distance: How student and teacher features are compared (:data:`HintDistance`): through an adaptor
-            by ``l2`` (on channel-normalised features), ``l1`` or ``cosine``; directly by ``cka`` (linear CKA)
-            or ``rkd`` (the relations between the batch's samples); or contrastively by ``crd``.
-        adapt: Bridge them with a trainable :class:`~lightning_mtkd.models.Adaptor` and add the term to the
-            default :meth:`DistillationModule.distillation_loss`; ``False`` only records both features (a
-            strategy compares them itself, as attention distillation does).
-        attention: Record attention weights ``(B, heads, queries, keys)`` rather than the layer's output.
-        student_root: Where to search for ``student=None`` (one network of several, e.g. ``"left"``).
-        adaptor: The adaptor's name in ``module.adaptors`` (default: ``name`` with ``/`` as ``_``).
-    """
-
-    name: str
-    student: str | None = None
-    teacher_path: str | None = None
-    teacher: str = TEACHER
-    weight: float = 1.0
-    distance: HintDistance = "l2"
-    adapt: bool = True
-    attention: bool = False
-    student_root: str = ""
-    adaptor: str | None = None
-
-    @property
-    def adaptor_name(self) -> str:
-        # Module names cannot hold '.', and '/' separates a term's kind from its task.
-        return self.adaptor or self.name.replace("/", "_")
-
-
-#: How a feature hint compares the student's feature with the teacher's:
-#:
-#: - ``l2``, ``l1``, ``cosine``: the student's feature mapped by a trainable adaptor to the teacher's shape,
-#:   then compared position by position on channel-normalised features (FitNets, Romero et al., ICLR 2015;
-#:   Li & Bilen, ECCV-W 2020) — :func:`~lightning_mtkd.losses.functional.feature_distance`;
-#: - ``cka``: ``1 - CKA`` between the two batches of features (Kornblith et al., ICML 2019), any widths, no
-#:   adaptor;
-#: - ``rkd``: distance- and angle-wise relations between the batch's samples (Park et al., CVPR 2019), any
-#:   widths, no adaptor — :func:`~lightning_mtkd.losses.relational.rkd_loss`;
-#: - ``crd``: contrastive representation distillation (Tian et al., ICLR 2020) with projection heads and
-#:   memory banks keyed by ``batch["index"]`` (:class:`~lightning_mtkd.models.adaptors.CRDHead`); training only.
-HintDistance = Literal["l2", "cosine", "l1", "cka", "rkd", "crd"]
-#: The distances that compare features as they are (no adaptor is built for them).
-DIRECT_DISTANCES = ("cka", "rkd")
-
-
-class TeacherOutputSource(Protocol):
-    """Something that can stand in for the teachers' forward pass (the teacher-output cache)."""
-
-    def teacher_outputs(self, module: DistillationModule, batch: Mapping[str, Any]) -> dict[str, ModelOutputs]:
-        """The teachers' outputs for ``batch``; may call ``module.run_teachers(batch)`` for what it lacks."""
-        ...
+# The step's types live in strategies/step.py; strategies import them from here too.
+__all__ = ["DistillationModule", "FeaturePair", "HintDistance", "ModelOutputs", "MultiTaskModule", "Step", "STAGES"]
 
 
 class MultiTaskModule(L.LightningModule):
@@ -329,28 +235,8 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ checks
     def _check_batch_contract(self, batch: Any, stage: str) -> None:
-        if stage in self._checked_stages:
-            return
-        if is_task_batch_dict(batch):
-            raise TypeError(
-                f"the batch is a dict of per-task batches {list(batch)} (a CombinedLoader of one loader per task): "
-                "merge them into one batch first, as PerTaskDataModule does (lightning_mtkd.data.merge_task_batches "
-                "in your DataModule's on_before_batch_transfer)."
-            )
-        if not isinstance(batch, Mapping) or "input" not in batch or "targets" not in batch:
-            keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise KeyError(
-                f"a batch must be a dict with 'input' and 'targets' (and 'index'); got {keys}. "
-                "Wrap your dataset with lightning_mtkd.data.MultiTaskDataset or return that dict."
-            )
-        missing = [name for name in self.tasks if name not in batch["targets"]]
-        if missing:
-            raise KeyError(
-                f"the batch has no target for task(s) {missing} (it has {list(batch['targets'])}). Give every task "
-                "a target; mark a missing label with the task's ignore value (-100, or NaN for regression)."
-            )
-        if self.unpack_inputs:
-            check_keywords(self.model, batch["input"], "the student")
+        if stage not in self._checked_stages:
+            check_batch(batch, self.tasks, self.model if self.unpack_inputs else None)
 
     def _check_first_batch(self, step: Step) -> None:
         """First batch of each stage: labels fit their tasks, and teachers cover what the strategy needs."""
@@ -494,7 +380,7 @@ class DistillationModule(MultiTaskModule):
             raise TypeError(f"pseudo_label_missing must be True or False, got {pseudo_label_missing!r}.")
         if isinstance(teacher, Mapping) and not teacher and not self.online:
             raise ValueError("no teacher given: pass `teacher=` (a module, a checkpoint path, or a dict of them).")
-        self.kd_losses = _per_task_kd_losses(kd_loss, self.tasks)
+        self.kd_losses = per_task_kd_losses(kd_loss, self.tasks)
         self.temperature = float(temperature)
         self.distillation_alpha = float(alpha)
         self.pseudo_label_missing = pseudo_label_missing
@@ -560,39 +446,12 @@ class DistillationModule(MultiTaskModule):
         return terms
 
     def hint_terms(self, step: Step) -> dict[str, Tensor]:
-        r"""``{pair.name: weight · d(A(f^s), f^t)}`` for every adapted feature pair (FitNets, Romero et al.,
-        ICLR 2015, on normalised features as in Li & Bilen, ECCV-W 2020); token features compare real tokens only."""
-        terms = {}
+        r"""``{pair.name: weight · d(f^s, f^t)}`` for every feature pair the base compares: through an adaptor
+        (FitNets, Romero et al., ICLR 2015, on normalised features as in Li & Bilen, ECCV-W 2020; token features
+        over real tokens only), or by CKA, RKD or CRD (:data:`~lightning_mtkd.strategies.step.HintDistance`)."""
         # Resolved at setup; before it (a hook called by hand) the pairs whose paths are given.
         pairs = self._pairs or [p for p in self.feature_pairs() if p.student and p.teacher_path]
-        for pair in pairs:
-            if not pair.adapt or (pair.distance == "crd" and step.stage != "train"):  # CRD's banks: training only
-                continue
-            assert pair.student is not None and pair.teacher_path is not None
-            student = feature_tensor(step.student.features[pair.student], pair.student)
-            teacher = feature_tensor(step.teachers[pair.teacher].features[pair.teacher_path], pair.teacher_path)
-            terms[pair.name] = pair.weight * self._feature_term(pair, student, teacher, step)
-        return terms
-
-    def _feature_term(self, pair: FeaturePair, student: Tensor, teacher: Tensor, step: Step) -> Tensor:
-        if pair.distance == "rkd":
-            return rkd_loss(student, teacher)
-        if pair.distance == "cka":
-            return feature_distance(student, teacher, "cka")
-        if pair.distance == "crd":
-            index = step.batch.get("index")
-            if not isinstance(index, Tensor):
-                raise KeyError(
-                    "the crd feature distance keys its memory banks by batch['index'] (each sample's position in "
-                    "its dataset), but this batch has none. Return 'index' from your dataset (MultiTaskDataset does)."
-                )
-            seed = 1_000_003 * int(self.global_step) + 17  # the same negatives when a run resumes
-            all_gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
-            return self.adaptors[pair.adaptor_name](student, teacher, index, seed, update=True, all_gather=all_gather)
-        adapted = self.adaptors[pair.adaptor_name](student)
-        if adapted.dim() == 3:  # token features: compared token by token, padding left out
-            return token_feature_distance(adapted, teacher, pair.distance, _token_mask(step, adapted))  # type: ignore[arg-type]
-        return feature_distance(adapted, teacher, pair.distance)  # type: ignore[arg-type]
+        return hint_terms(self, pairs, step)
 
     # ------------------------------------------------------------------------------ teachers in the step
     #: Where teacher outputs may come from instead of a forward pass: set by the
@@ -642,29 +501,7 @@ class DistillationModule(MultiTaskModule):
 
     def check_teacher_outputs(self, step: Step) -> None:
         """Every task must have a teacher target (from *the* teacher if one multi-task teacher is needed)."""
-        if self.unpack_inputs:
-            for name, teacher in self.teachers.modules().items():
-                check_keywords(teacher, step.inputs, f"teacher {name!r}")
-        produced = {name: list(out.outputs) for name, out in step.teachers.items()}
-        if self.requires_multitask_teacher:
-            missing = [name for name in self.tasks if name not in produced[TEACHER]]
-            if missing:
-                raise KeyError(
-                    f"the teacher outputs no {missing} (it outputs {produced[TEACHER]}). {type(self).__name__} needs a "
-                    "multi-task teacher trained on every task in `tasks`."
-                )
-        for name in self.tasks:
-            if name not in step.targets and not self.online:  # a task no peer predicts learns from labels alone
-                raise KeyError(
-                    f"no teacher outputs task {name!r} (teachers output {produced}). Use a teacher trained on "
-                    f"{name!r}, or remove the task from `tasks`."
-                )
-        for name, outputs in produced.items():
-            if len(produced) > 1 and not any(task in outputs for task in self.tasks):
-                raise KeyError(
-                    f"teacher {name!r} outputs {outputs}, none of the tasks {list(self.tasks)}: it would teach "
-                    "nothing. Drop it, or name a single-task teacher after the task it was trained on."
-                )
+        check_teacher_coverage(self, step)
 
     # ------------------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -678,82 +515,12 @@ class DistillationModule(MultiTaskModule):
                 f"{type(self).__name__}'s teachers learn while it trains, so their outputs change every step and "
                 "cannot be cached: remove the TeacherCache callback."
             )
-        pairs = self.feature_pairs()
-        example = None
-        if any(p.student is None or p.teacher_path is None for p in pairs):
-            example = example_inputs(self, stage)
-            found: dict[tuple[str, str], str] = {}  # one search per network, however many pairs read it
-            pairs = [self._resolve(pair, example, found) for pair in pairs]
-        self._pairs = pairs
-        self._install_taps(pairs)
-        needs_adaptors = any(_needs_module(p) and p.adaptor_name not in self.adaptors for p in pairs)
-        wants_extras = type(self).configure_extra_modules is not DistillationModule.configure_extra_modules
-        if needs_adaptors or (wants_extras and not len(self.extras)):
-            self._build_from_dry_run(example if example is not None else example_inputs(self, stage))
+        self._pairs = prepare_features(self, stage)
 
-    def _resolve(self, pair: FeaturePair, example: Any, found: dict[tuple[str, str], str]) -> FeaturePair:
-        """Fill in the paths left to be found: the input of the task heads (:func:`find_shared_feature`)."""
-        student, teacher_path = pair.student, pair.teacher_path
-        if student is None:
-            key = ("student", pair.student_root)
-            if key not in found:
-                root = self.model.get_submodule(pair.student_root) if pair.student_root else self.model
-                found[key] = find_shared_feature(root, example, self.unpack_inputs, owner=f"student ({pair.name})")
-            student = f"{pair.student_root}.{found[key]}" if pair.student_root else found[key]
-        if teacher_path is None:
-            key = ("teacher", pair.teacher)
-            if key not in found:
-                owner = f"teacher {pair.teacher!r}"
-                found[key] = find_shared_feature(self.teachers[pair.teacher], example, self.unpack_inputs, owner=owner)
-            teacher_path = found[key]
-        return replace(pair, student=student, teacher_path=teacher_path)
-
-    def _install_taps(self, pairs: list[FeaturePair]) -> None:
-        student_paths = sorted({p.student for p in pairs if not p.attention})  # type: ignore[type-var]
-        student_attention = sorted({p.student for p in pairs if p.attention})  # type: ignore[type-var]
-        if self._student_tap is None and (student_paths or student_attention):
-            self._student_tap = FeatureTap(self.model, student_paths, "student", student_attention)  # type: ignore[arg-type]
-        for name in self.teachers.names:
-            mine = [p for p in pairs if p.teacher == name]
-            paths = sorted({p.teacher_path for p in mine if not p.attention})  # type: ignore[type-var]
-            attention = sorted({p.teacher_path for p in mine if p.attention})  # type: ignore[type-var]
-            if paths or attention:
-                self.teachers.tap(name, paths, attention)  # type: ignore[arg-type]
-
-    def _build_from_dry_run(self, example: Any) -> None:
-        """Size the adaptors and the strategy's extra modules from one forward pass on two example inputs."""
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            dry_run = Step(
-                "dry_run", {"input": example}, self.student_forward(example), self.run_teachers({"input": example})
-            )
-        self.model.train(was_training)
-        device = self.device
-        for pair in self._pairs:
-            name = pair.adaptor_name
-            if _needs_module(pair) and name not in self.adaptors:
-                assert pair.student is not None and pair.teacher_path is not None
-                student = feature_tensor(dry_run.student.features[pair.student], pair.student, "student")
-                teacher = feature_tensor(
-                    dry_run.teachers[pair.teacher].features[pair.teacher_path],
-                    pair.teacher_path,
-                    f"teacher {pair.teacher!r}",
-                )
-                if pair.distance == "crd":
-                    self.adaptors[name] = CRDHead.between(student.shape, teacher.shape, training_set_size(self)).to(
-                        device
-                    )
-                    continue
-                self.adaptors[name] = Adaptor.between(
-                    student.shape,
-                    teacher.shape,
-                    name=f"adaptor {name!r} (student {pair.student!r} → teacher {pair.teacher!r} "
-                    f"{pair.teacher_path!r})",
-                ).to(device)
-        if not len(self.extras):
-            for name, module in self.configure_extra_modules(dry_run).items():
-                self.extras[name] = module.to(device)
+    @property
+    def wants_extra_modules(self) -> bool:
+        """Whether this strategy sizes extra modules from the dry run (it overrides ``configure_extra_modules``)."""
+        return type(self).configure_extra_modules is not DistillationModule.configure_extra_modules
 
     # ------------------------------------------------------------------------------ teacher hygiene
     def train(self, mode: bool = True) -> DistillationModule:
@@ -785,27 +552,3 @@ class DistillationModule(MultiTaskModule):
         for name, target in step.targets.items():
             metrics[name].update(*self.tasks[name].metric_inputs(target, step.labels[name]))
             self.log_dict(metrics[name], on_step=False, on_epoch=True)
-
-
-def _needs_module(pair: FeaturePair) -> bool:
-    """Whether a feature pair trains a module of its own (an adaptor, or CRD's heads and banks)."""
-    return pair.adapt and pair.distance not in DIRECT_DISTANCES
-
-
-def _token_mask(step: Step, feature: Tensor) -> Tensor | None:
-    mask = padding_mask(step.inputs)
-    return mask if mask is not None and mask.shape == feature.shape[:2] else None
-
-
-def _per_task_kd_losses(kd_loss: Any, tasks: Mapping[str, Task]) -> dict[str, Any]:
-    """``{task: loss name}`` from one name or a dict, each checked against its task's kind."""
-    if isinstance(kd_loss, Mapping):
-        unknown = [name for name in kd_loss if name not in tasks]
-        if unknown:
-            raise ValueError(f"kd_loss names unknown task(s) {unknown}; the tasks are {list(tasks)}.")
-        chosen = dict(kd_loss)
-    else:
-        chosen = dict.fromkeys(tasks, kd_loss)
-    for name, loss in chosen.items():
-        tasks[name].check_kd_loss(loss)
-    return {name: loss for name, loss in chosen.items() if loss is not None}
