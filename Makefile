@@ -7,17 +7,22 @@ PY := $(VENV)/bin/python
 # torch first, pinned: this machine keeps the CPU build of 2.13.0; a free choice would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# pip's own output (notices about the machine's package mirrors, resolver chatter) goes here, not between the
+# user and the results; a failed step prints the log's tail.
+SETUP_LOG := $(VENV)/setup.log
 
 .PHONY: setup demo test docs lint quality benchmarks clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@echo "Setting up $(VENV) (torch, then lightning-mtkd and its dev extras; log in $(SETUP_LOG))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@{ $(PY) -m pip install --upgrade pip \
+	  && { $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"; } \
+	  && $(PY) -m pip install -e ".[dev]"; } > $(SETUP_LOG) 2>&1 \
+	  || { tail -n 30 $(SETUP_LOG); echo "set-up failed: see $(SETUP_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lightning_mtkd.demo
