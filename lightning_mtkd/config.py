@@ -66,7 +66,7 @@ class RecordsInitArgs:
                 arguments = dict(list(bound.arguments.items())[1:])
                 object.__setattr__(self, "init_config", {"class_path": class_path(self), "init_args": arguments})
 
-        cls.__init__ = recording_init  # type: ignore[misc]
+        cls.__init__ = recording_init  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------------- objects → config

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -57,7 +58,7 @@ def run(config: dict[str, Any] = RECIPE, root: str = ".cache/demo", progress: bo
     distilled = SharedDistiller(conv_net(spec), teacher_path, TASKS, **config["distill"], **student_optimizer(spec))
     distilled_result = fit_and_test(distilled, dm, spec["epochs"], progress)
 
-    def accuracy(result: dict[str, float]) -> dict[str, float]:
+    def accuracy(result: Mapping[str, float]) -> dict[str, float]:
         return {task.name: result[f"test/{task.name}/acc"] for task in TASKS}
 
     rows = {

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -115,7 +115,7 @@ def fit_and_test(
     progress: bool = True,
     cache: TeacherCache | None = None,
     workdir: str = ".cache/runs",
-) -> dict[str, float]:
+) -> Mapping[str, float]:
     """Fit for ``epochs``, keep the epoch with the lowest ``val/loss`` (model selection on validation
     only), and return its test metrics (``test/<task>/acc`` …), the test split read once.
 
@@ -131,7 +131,7 @@ def fit_and_test(
     return run.test(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0]
 
 
-def evaluate_checkpoint(path: str, dm: L.LightningDataModule) -> tuple[MultiTaskModule, dict[str, float]]:
+def evaluate_checkpoint(path: str, dm: L.LightningDataModule) -> tuple[MultiTaskModule, Mapping[str, float]]:
     """A trained ``MultiTaskModule`` (a teacher) loaded from ``path``, and its metrics on ``dm``'s test split."""
     module = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
     return module, trainer(1, False).test(module, dm, verbose=False)[0]

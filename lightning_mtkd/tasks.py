@@ -286,7 +286,12 @@ class Task:
         natural soft-target loss). ``labels`` are needed by ``dkd`` only (the target class; missing labels
         are left out), and unused otherwise. The formulas and papers are in :mod:`lightning_mtkd.losses.logits`.
         """
-        loss = loss or KD_LOSSES[self.kind][0]
+        name = loss or KD_LOSSES[self.kind][0]
+        return self._distillation_loss(name, student, teacher, temperature, labels)
+
+    def _distillation_loss(
+        self, loss: str, student: Tensor, teacher: Tensor, temperature: float, labels: Tensor | None
+    ) -> Tensor:
         if loss in ("dkd", "dkd+ls"):
             if labels is None:
                 raise ValueError(f"Task {self.name!r}: the dkd distillation loss needs the batch's labels.")

@@ -66,7 +66,7 @@ def stage_dataloader(module: L.LightningModule, stage: str) -> Any:
     if trainer is None:
         return None
     hook = _STAGE_HOOK.get(stage, "train_dataloader")
-    datamodule = trainer.datamodule
+    datamodule = getattr(trainer, "datamodule", None)
     if datamodule is not None:
         return getattr(datamodule, hook)()
     # Loaders passed to trainer.fit(module, train_loader, ...): Lightning keeps them on its loops and has no

@@ -58,7 +58,7 @@ class ConvBackbone(RecordsInitArgs, nn.Module):
         self.channels_last = channels_last
         if channels_last:
             # `Module.to(device)` later keeps each weight's strides, so the layout survives moves and loads.
-            self.features.to(memory_format=torch.channels_last)
+            self.features.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.pool = nn.AdaptiveAvgPool2d(pooled_size)
         self.neck = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * pooled_size**2, hidden), nn.ReLU(inplace=True)

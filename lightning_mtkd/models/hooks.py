@@ -325,12 +325,12 @@ def find_shared_feature(model: nn.Module, example: Any, unpack: bool = True, own
     if producers:
         return min(producers, key=lambda name: name.count("."))  # the outermost module that returned it
     # Computed in forward itself (pooling): the last module to finish before the first head started.
-    heads = {head for _, head, _, _ in head_inputs}
+    head_names = {head for _, head, _, _ in head_inputs}
     before = [
         (name, out)
         for name, _, out in records[: min(index for *_, index in head_inputs)]
         if isinstance(out, Tensor) and out.dim() >= 2 and out.shape[0] == first.shape[0]
-        and not any(name == h or name.startswith(f"{h}.") for h in heads)
+        and not any(name == h or name.startswith(f"{h}.") for h in head_names)
     ]
     if not before:
         raise ValueError(

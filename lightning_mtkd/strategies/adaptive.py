@@ -90,7 +90,7 @@ class AdaptiveDistiller(DistillationModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | str | dict[str, nn.Module | str] | None,
+        teacher: nn.Module | str | dict[str, nn.Module | str | None] | None,
         tasks: list[Task],
         kd_weights: dict[str, float] | None = None,
         momentum: float = 0.5,

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -109,7 +109,8 @@ class MultiTaskModule(L.LightningModule):
         self.tasks: dict[str, Task] = as_tasks(tasks)
         # Errors name the argument the user passes: a strategy takes its network as `student`.
         self.model = as_module(model, "student" if "student" in exposed_parameters(type(self)) else "model")
-        self.weighting = as_module(weighting, "weighting") if weighting is not None else StaticWeighting()
+        chosen = as_module(weighting, "weighting") if weighting is not None else StaticWeighting()
+        self.weighting: Weighting = cast(Weighting, chosen)
         self.weighting.setup_tasks(self.tasks)
         # None: a checkpoint whose optimizer was a function it could not record (a lambda); needed only to train.
         self.optimizer_factory = build_callable(optimizer, "optimizer") if optimizer is not None else None

@@ -89,10 +89,10 @@ class SelfDistiller(DistillationModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
-            for teacher, student in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                teacher.lerp_(student.detach(), 1.0 - self.ema_decay)
-            for teacher, student in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-                teacher.copy_(student)  # running statistics follow the student as they are
+            for average, current in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                average.lerp_(current.detach(), 1.0 - self.ema_decay)
+            for kept, running in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+                kept.copy_(running)  # running statistics follow the student as they are
 
 
 class MutualDistiller(DistillationModule):
