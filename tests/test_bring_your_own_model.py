@@ -429,3 +429,46 @@ def test_a_network_class_that_cannot_be_imported_again_asks_for_the_network(tmp_
         SharedDistiller.load_from_checkpoint(path, weights_only=True, teacher=PlainConvNet())
     reloaded = SharedDistiller.load_from_checkpoint(path, weights_only=True, teacher=PlainConvNet(), student=Local())
     assert set(reloaded.model.out) == {"left", "right"}
+
+
+def test_the_teacher_cache_keys_dict_inputs_by_every_leaf(tmp_path, teacher_files):
+    from lightning_mtkd.callbacks import TeacherCache
+    from lightning_mtkd.callbacks.teacher_cache import dataset_fingerprint
+
+    dataset = text_data(48, 0)
+    changed = text_data(48, 0)
+    changed.inputs["attention_mask"] = changed.inputs["attention_mask"].flip(0)  # one leaf differs
+    assert dataset_fingerprint(dataset) != dataset_fingerprint(changed)
+
+    losses = {}
+    for cached in (False, True):
+        L.seed_everything(0)
+        module = SharedDistiller(student("hf"), teacher_files["hf"]["a"], TEXT_TASKS)
+        cache = [TeacherCache(storage="memory")] if cached else []
+        trainer = quick_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=cache)
+        trainer.fit(module, DataLoader(dataset, batch_size=16))
+        losses[cached] = trainer.callback_metrics["train/loss"]
+        if cached:
+            assert cache[0].counts["train"] == {"cached": 3, "computed": 3}  # the second epoch ran no teacher
+    torch.testing.assert_close(losses[True], losses[False])
+
+
+def hf_shared_module():
+    """Module scope, so ddp_spawn can pickle it: a tiny BERT pair with keyword inputs."""
+    torch.manual_seed(0)
+    teacher = teacher_network("hf", 0)
+    torch.manual_seed(1)
+    return SharedDistiller(student("hf"), teacher, TEXT_TASKS)
+
+
+@pytest.mark.ddp
+def test_keyword_inputs_under_two_ddp_processes_match_one_process(tmp_path):
+    module = hf_shared_module()
+    data = text_data(32, 0)
+    trainer = quick_trainer(tmp_path, max_epochs=1, strategy="ddp_spawn", devices=2)
+    trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(text_data(16, 1), batch_size=8))
+    synced = {k: v.clone() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    single = quick_trainer(tmp_path, devices=1)
+    single.validate(module, DataLoader(text_data(16, 1), batch_size=8), verbose=False)
+    for key in ("val/topic/acc", "val/sentiment/acc", "val/loss", "val/topic/teacher_acc"):
+        torch.testing.assert_close(synced[key], single.callback_metrics[key], msg=key)
