@@ -37,8 +37,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
+from lightning_mtkd.bookkeeping import TaskMetrics
 from lightning_mtkd.checkpoints import (
     CLASS_KEY,
     as_module,
@@ -189,13 +189,9 @@ class MultiTaskModule(L.LightningModule):
         self._student_tap: FeatureTap | None = None
         self._checked_stages: set[str] = set()
 
-    def _make_metrics(self, stage: str, who: str = "") -> nn.ModuleDict:
-        return nn.ModuleDict(
-            {
-                name: MetricCollection(task.make_metrics(), prefix=f"{stage}/{name}/{who}")
-                for name, task in self.tasks.items()
-            }
-        )
+    def _make_metrics(self, stage: str, who: str = "") -> TaskMetrics:
+        # Grouped, vectorised task metrics and loss-term means: no per-task work or log call in a step.
+        return TaskMetrics(self.tasks, stage, who)
 
     # ------------------------------------------------------------------------------ forward passes
     def forward(self, inputs: Any) -> dict[str, Tensor]:
@@ -336,10 +332,8 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ metrics and logs
     def _update_metrics(self, step: Step) -> None:
-        metrics: nn.ModuleDict = getattr(self, f"{step.stage}_metrics")
-        for name, task in self.tasks.items():
-            metrics[name].update(*task.metric_inputs(step.student.outputs[name].detach(), step.labels[name]))
-            self.log_dict(metrics[name], on_step=False, on_epoch=True)
+        metrics: TaskMetrics = getattr(self, f"{step.stage}_metrics")
+        metrics.update(step.student.outputs, step.labels, module=self)
 
     def _log_terms(
         self, step: Step, loss: Tensor, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor]
@@ -349,12 +343,10 @@ class MultiTaskModule(L.LightningModule):
         # Evaluation losses are averaged over all ranks at epoch end (one reduction, not one per step).
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
-        named = {f"{stage}/{name}/loss": value for name, value in task_losses.items()}
-        for term, value in distill_terms.items():
-            kind, _, task = term.partition("/")
-            named[f"{stage}/{task}/{kind}" if task else f"{stage}/{kind}"] = value
-        named.update({f"{stage}/{name}": value for name, value in step.logs.items()})
-        self.log_dict(named, on_step=False, on_epoch=True, batch_size=size, sync_dist=sync)
+        # The named terms (`{stage}/{task}/loss`, `{stage}/{task}/kd`, `{stage}/hint`, step.logs): batch-weighted
+        # epoch means, summed over processes, added as one vector per step and logged once per epoch.
+        metrics: TaskMetrics = getattr(self, f"{stage}_metrics")
+        metrics.update_terms(task_losses, distill_terms, step.logs, size, module=self)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -713,10 +705,8 @@ class DistillationModule(MultiTaskModule):
         super()._update_metrics(step)
         if step.stage == "train" or not step.targets:
             return
-        metrics: nn.ModuleDict = getattr(self, f"{step.stage}_teacher_metrics")
-        for name, target in step.targets.items():
-            metrics[name].update(*self.tasks[name].metric_inputs(target, step.labels[name]))
-            self.log_dict(metrics[name], on_step=False, on_epoch=True)
+        metrics: TaskMetrics = getattr(self, f"{step.stage}_teacher_metrics")
+        metrics.update(step.targets, step.labels, module=self)
 
 
 def _token_mask(step: Step, feature: Tensor) -> Tensor | None:
