@@ -85,12 +85,13 @@ class TaskGroupMetrics(Metric):
         """Add one batch: ``outputs[i]`` and ``targets[i]`` are the task of row ``rows[i]`` (default: all, in order)."""
         if self.kind not in _INDEX_KINDS:  # a (B,) regression target, a (B, H, W) depth map
             targets = [target.reshape(output.shape) for output, target in zip(outputs, targets, strict=True)]
-        shape = outputs[0].shape
-        if all(o.shape == shape for o in outputs) and all(t.shape == targets[0].shape for t in targets):
-            self._add(torch.stack(list(outputs)), torch.stack(list(targets)), rows)
+        try:
+            preds, labels = torch.stack(list(outputs)), torch.stack(list(targets))
+        except RuntimeError:  # tasks of different sizes (dense maps at several resolutions): one at a time
+            for i, (output, target) in enumerate(zip(outputs, targets, strict=True)):
+                self._add(output.unsqueeze(0), target.unsqueeze(0), [rows[i] if rows is not None else i])
             return
-        for i, (output, target) in enumerate(zip(outputs, targets, strict=True)):  # tasks of different sizes
-            self._add(output.unsqueeze(0), target.unsqueeze(0), [rows[i] if rows is not None else i])
+        self._add(preds, labels, rows)
 
     def _add(self, preds: Tensor, target: Tensor, rows: Sequence[int] | None) -> None:
         if math.isnan(self.missing_value):
