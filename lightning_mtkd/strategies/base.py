@@ -56,7 +56,7 @@ from lightning_mtkd.models.adaptors import Adaptor
 from lightning_mtkd.models.deferred import DeferredModules
 from lightning_mtkd.models.hooks import FeatureTap, feature_tensor, find_shared_feature
 from lightning_mtkd.tasks import Task, as_tasks
-from lightning_mtkd.teachers import TEACHER, Teachers
+from lightning_mtkd.teachers import TEACHER, TeacherPrecision, Teachers
 from lightning_mtkd.weighting.base import StaticWeighting, Weighting
 
 STAGES = ("train", "val", "test")
@@ -417,6 +417,10 @@ class DistillationModule(MultiTaskModule):
             losses, so unlabelled samples also get a hard target. Metrics keep the real labels only;
             evaluation is unchanged. Every strategy accepts it.
         unpack_inputs: Pass a dict input as keyword arguments to student and teachers (see ``MultiTaskModule``).
+        teacher_precision: ``"32"``; ``"bf16"`` or ``"16"`` (float16) casts the teachers' weights once and runs them in
+            that dtype, outputs returned as float32 (see :class:`~lightning_mtkd.teachers.Teachers`).
+        teacher_device: Run the teachers there (``"cpu"`` while the student trains on a GPU); outputs come back to
+            the student's device. ``None``: wherever the module is.
     """
 
     #: Strategies that distil every task from one multi-task teacher (named ``TEACHER``) set this.
@@ -435,6 +439,8 @@ class DistillationModule(MultiTaskModule):
         scheduler: LRSchedulerCallable | None = None,
         pseudo_label_missing: bool = False,
         unpack_inputs: bool = True,
+        teacher_precision: TeacherPrecision = "32",
+        teacher_device: str | None = None,
     ) -> None:
         super().__init__(student, tasks, weighting, optimizer, scheduler, unpack_inputs)
         if not temperature > 0:
@@ -450,7 +456,7 @@ class DistillationModule(MultiTaskModule):
         self.pseudo_label_missing = pseudo_label_missing
         self.adaptor_lr = adaptor_lr
         # A plain attribute, not a submodule: never in state_dict(), parameters() or DDP's sync.
-        self.teachers = Teachers(teacher, load_teacher)
+        self.teachers = Teachers(teacher, load_teacher, precision=teacher_precision, device=teacher_device)
         #: Adaptors, one per feature pair that needs one; sized by a dry run at setup.
         self.adaptors = DeferredModules(Adaptor)
         #: Other modules a strategy trains (``configure_extra_modules``), sized by the same dry run.
