@@ -53,7 +53,8 @@ class TeacherCache(L.Callback):
     Args:
         storage: ``memory`` (on the module's device), ``disk`` (a memory-mapped file in ``cache_dir``,
             shareable by later runs with the same fingerprint), or ``auto``: memory if the split's
-            outputs fit in ``max_memory_mb``, else disk.
+            outputs fit in ``max_memory_mb``, else disk. In memory, a split whose complete file is in
+            ``cache_dir`` (written by ``lightning-mtkd cache`` or a disk run) is read from it, not computed.
         cache_dir: Folder of the cache files (one per split and fingerprint; delete it to reclaim space).
         max_memory_mb: The most a split may take in memory under ``auto``.
         feature_dtype: Store tapped features as ``float16``/``bfloat16`` to halve their size (task
@@ -195,10 +196,12 @@ class TeacherCache(L.Callback):
         storage = self.storage
         if storage == "auto":
             storage = "memory" if layout.nbytes <= self.max_memory_mb * 2**20 else "disk"
+        path = os.path.join(self.cache_dir, f"{split}-{fingerprint}.bin")
         if storage == "memory":
-            store: _Store = _MemoryStore(split, layout, device=module.device)
+            memory = _MemoryStore(split, layout, device=module.device)
+            memory.load_file(path, fingerprint)  # a complete file of this fingerprint (`lightning-mtkd cache`)
+            store: _Store = memory
         else:
-            path = os.path.join(self.cache_dir, f"{split}-{fingerprint}.bin")
             store = _DiskStore.open(split, layout, path, fingerprint, trainer.strategy)
         self.stores[split] = store
         self.counts[split] = {"cached": 0, "computed": 0}
@@ -206,10 +209,33 @@ class TeacherCache(L.Callback):
         rank_zero_info(
             f"teacher cache ({split}): {num_samples} samples × {layout.nbytes / num_samples / 1024:.1f} KiB in "
             f"{storage}{' ' + store.path if isinstance(store, _DiskStore) else ''}"
-            f"{' (reused, complete)' if store.complete else ''}"
+            f"{' (reused, complete: ' + path + ')' if store.complete else ''}"
         )
         if self.precompute and not store.complete:
             self._precompute(store, trainer, module, loader)
+
+    def fill(self, trainer: L.Trainer, module: Any, loaders: Mapping[Split, DataLoader]) -> dict[str, dict[str, Any]]:
+        """Compute and store every sample's teacher outputs now, for each ``{split: loader}``; what
+        ``lightning-mtkd cache`` runs. ``module`` must be set up and attached to ``trainer`` (inside a loop hook).
+
+        Returns, per split, the file (on disk), whether it was already complete, and the batches computed.
+        """
+        precompute, self.precompute = self.precompute, True
+        try:
+            for split, loader in loaders.items():
+                self._open(split, trainer, module, loader)
+        finally:
+            self.precompute = precompute
+        return {
+            split: {
+                "path": getattr(store, "path", None),
+                "complete": store.complete,
+                "computed_batches": self.counts[split].get("precomputed", 0),
+                "megabytes": self.nbytes[split] / 2**20,
+            }
+            for split, store in self.stores.items()
+            if split in loaders
+        }
 
     def _check_deterministic(self, dataset: Dataset, collate: Any, split: str) -> None:
         """Refuse random transforms: read a few samples twice and compare."""

@@ -165,6 +165,22 @@ class _MemoryStore(_Store):
         }
         self.filled = torch.zeros(n, dtype=torch.bool, device=device)
 
+    def load_file(self, path: str, fingerprint: str) -> bool:
+        """Fill every row from the complete cache file of this fingerprint at ``path``, if there is an undamaged
+        one (written by ``lightning-mtkd cache`` or a run with ``storage="disk"``); a damaged one is ignored."""
+        problem = file_problem(path, fingerprint, self.layout)
+        if problem is not None:
+            if problem != "missing":
+                warnings.warn(f"teacher cache {path}: {problem}; not used, computing the outputs.", stacklevel=3)
+            return False
+        disk = _DiskStore(self.split, self.layout, path, writable=False)
+        for key, array in self.arrays.items():
+            array.copy_(disk.arrays[key])
+        disk.close()
+        self.filled.fill_(True)
+        self.complete = True
+        return True
+
 
 class _DiskStore(_Store):
     """The arrays as views of one memory-mapped file: ``[header | array | array | … | filled mask]``."""
