@@ -317,8 +317,15 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     if bookkeeping is not None:
         callbacks.append(bookkeeping)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=callbacks,
     )
     trainer.fit(module, tiny_datamodule(args, count))
@@ -347,13 +354,23 @@ def sweep_main(args: argparse.Namespace, argv: list[str]) -> None:
 
     rows, first, last = [], args.tasks[0], args.tasks[-1]
     for n in args.tasks:
-        rows.append([
-            str(n), f"{step_ms('loop', n):.2f}", f"{step_ms('lightning', n):.2f}", f"{step_ms('ours', n):.2f}",
-            f"{step_ms('ours', n) / step_ms('loop', n):.2f}", f"{step_ms('mtm-bare', n):.2f}",
-            f"{step_ms('mtm', n):.2f}", f"{step_ms('mtm', n) - step_ms('mtm-bare', n):.2f}",
-            f"{book(n, 'steady_ms'):.3f}", f"{book(n, 'steady_ms') / book(first, 'steady_ms'):.2f}",
-            f"{book(n, 'per_epoch_ms'):.1f}", f"{amortised(n):.3f}", f"{amortised(n) / amortised(first):.2f}",
-        ])
+        rows.append(
+            [
+                str(n),
+                f"{step_ms('loop', n):.2f}",
+                f"{step_ms('lightning', n):.2f}",
+                f"{step_ms('ours', n):.2f}",
+                f"{step_ms('ours', n) / step_ms('loop', n):.2f}",
+                f"{step_ms('mtm-bare', n):.2f}",
+                f"{step_ms('mtm', n):.2f}",
+                f"{step_ms('mtm', n) - step_ms('mtm-bare', n):.2f}",
+                f"{book(n, 'steady_ms'):.3f}",
+                f"{book(n, 'steady_ms') / book(first, 'steady_ms'):.2f}",
+                f"{book(n, 'per_epoch_ms'):.1f}",
+                f"{amortised(n):.3f}",
+                f"{amortised(n) / amortised(first):.2f}",
+            ]
+        )
     steady = book(last, "steady_ms") / book(first, "steady_ms")
     versus_loop = step_ms("ours", last) / step_ms("loop", last)
     errors = sorted({r["error"] for runs in results.values() for r in runs if "error" in r})
@@ -380,8 +397,19 @@ def sweep_main(args: argparse.Namespace, argv: list[str]) -> None:
         f"{args.threads or 1} thread(s), {args.repeats} interleaved repeats, fresh process per run"
     )
     header = [
-        "tasks", "loop ms", "bare Lightning ms", "SharedDistiller ms", "÷ loop", "MTM bare ms", "MultiTaskModule ms",
-        "mtm − bare ms", "bookkeeping ms/step", "÷ first", "bookkeeping ms/epoch", "amortised ms/step", "÷ first",
+        "tasks",
+        "loop ms",
+        "bare Lightning ms",
+        "SharedDistiller ms",
+        "÷ loop",
+        "MTM bare ms",
+        "MultiTaskModule ms",
+        "mtm − bare ms",
+        "bookkeeping ms/step",
+        "÷ first",
+        "bookkeeping ms/epoch",
+        "amortised ms/step",
+        "÷ first",
     ]
     print(C.write_table(out, "Per-step cost against the number of tasks", job, header, rows, notes))
     print(f"written to {out}")
@@ -437,7 +465,7 @@ def main() -> None:
         f"c/a = {best['ours'] / best['loop']:.3f}, c/b = {best['ours'] / best['lightning']:.3f}.\n\n"
         "Epoch = median of the timed epochs of one run; the table shows the median over runs and every run's "
         "figure; best = the fastest run, the least disturbed on a shared machine. Epoch times on a 2-core machine "
-        "swing ±15% (shared/MEASUREMENTS.md): treat ±10% as a tie."
+        "swing ±15%: treat ±10% as a tie."
     )
     out = args.out or os.path.join(C.RESULTS, "overhead.md")
     header = [

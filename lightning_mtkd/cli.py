@@ -154,11 +154,32 @@ def cache_main(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
         splits=options.splits,
         allow_random_transforms=default.allow_random_transforms,
     )
-    filler = _FillCache(cache, options.splits)
+    filled = fill_cache(module, datamodule, cache, options.splits, cli.trainer.accelerator, cli.trainer.precision)
+    seconds = time.perf_counter() - started
+    for split, info in filled.items():
+        info["seconds"] = seconds
+        state = "already complete, reused" if info["computed_batches"] == 0 else f"{info['computed_batches']} batches"
+        print(f"teacher cache ({split}): {info['path']} ({info['megabytes']:.1f} MB, {state})")
+    print(f"lightning-mtkd cache: done in {seconds:.1f} s")
+    return filled
+
+
+def fill_cache(
+    module: DistillationModule,
+    datamodule: Any,
+    cache: TeacherCache,
+    splits: Sequence[str],
+    accelerator: Any = "auto",
+    precision: Any = "32-true",
+) -> dict[str, dict[str, Any]]:
+    """Fill ``cache`` for ``splits`` of ``datamodule`` with ``module``'s teachers, in one process on one device of
+    ``accelerator``, under the trainer ``precision`` the runs that read the files will use (it is part of their
+    fingerprint). What ``lightning-mtkd cache`` does once it has built the run's objects."""
+    filler = _FillCache(cache, splits)
     trainer = Trainer(
-        accelerator=cli.trainer.accelerator,
+        accelerator=accelerator,
         devices=1,
-        precision=cli.trainer.precision,  # part of the fingerprint: the same as the runs that will read the files
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -171,12 +192,6 @@ def cache_main(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         cache.teardown(trainer, module, "validate")
-    seconds = time.perf_counter() - started
-    for split, info in filler.filled.items():
-        info["seconds"] = seconds
-        state = "already complete, reused" if info["computed_batches"] == 0 else f"{info['computed_batches']} batches"
-        print(f"teacher cache ({split}): {info['path']} ({info['megabytes']:.1f} MB, {state})")
-    print(f"lightning-mtkd cache: done in {seconds:.1f} s")
     return filler.filled
 
 
