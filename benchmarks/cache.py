@@ -17,6 +17,13 @@ benchmarks/results/cache.md.
     python benchmarks/cache.py                                       # the full job (20,000 composites)
     python benchmarks/cache.py --num-train 4096 --repeats 3          # a quick look
     python benchmarks/cache.py --strategies lightning_mtkd.SharedDistiller my_pkg.MyDistiller
+
+``--steps`` measures instead, in one process, one training step of each variant in turn (student alone,
+each strategy with its cache filled in memory, each strategy uncached), so that all of them share the
+allocator's state: what a cached step costs beyond the student's own, without the page-fault swings
+between processes. Writes benchmarks/results/cache-steps.md.
+
+    python benchmarks/cache.py --steps --num-train 4096
 """
 
 from __future__ import annotations
@@ -129,14 +136,98 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def steps_main(args: argparse.Namespace) -> None:
+    """One process, steps interleaved: student alone, each strategy cached (a real memory TeacherCache, filled
+    by the cache command's code) and uncached; median ms per step of every epoch but the first."""
+    import types
+    import warnings
+
+    import torch
+    from lightning.pytorch.trainer.states import RunningStage
+
+    warnings.filterwarnings("ignore")  # steps run outside a Trainer: self.log warns and returns
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dm = C.datamodule(args)
+    modules: dict[str, Any] = {"student alone": MultiTaskModule(C.student_net(args), C.TASKS)}
+    caches: dict[str, TeacherCache] = {}
+    for path in args.strategies:
+        name = path.rpartition(".")[2]
+        for mode in ("cached", "uncached"):
+            module = strategy_class(path)(student=C.student_net(args), teacher=C.teacher_net(args), tasks=C.TASKS)
+            module.example_input_array = dm.splits["train"].inputs[:2]
+            if mode == "cached":
+                cache = TeacherCache(storage="memory", splits=["train"])
+                fill_cache(module, dm, cache, ["train"], "cpu", args.precision)
+                module.trainer = None  # stepped by hand below: no loop to log into
+                cache._trainer = types.SimpleNamespace(state=types.SimpleNamespace(stage=RunningStage.TRAINING))
+                module.teacher_cache = cache
+                caches[name] = cache
+            else:
+                module.setup("fit")
+            modules[f"{name}, {mode}"] = module
+    parts = {name: StepParts(module) for name, module in modules.items()}
+    optimizers = {
+        name: torch.optim.Adam([p for g in m.param_groups() for p in g["params"]], lr=1e-3)
+        for name, m in modules.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for module in modules.values():
+        module.train()
+    for epoch in range(args.epochs):
+        for batch in dm.train_dataloader():
+            for name, module in modules.items():
+                start = time.perf_counter()
+                loss = module.training_step(batch, 0)["loss"]
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+                if epoch > 0:
+                    times[name].append(time.perf_counter() - start)
+                    parts[name].steps += 1
+                else:
+                    parts[name].seconds = dict.fromkeys(parts[name].seconds, 0.0)
+    base = statistics.median(times["student alone"])
+    rows = []
+    for name, values in times.items():
+        step = statistics.median(values)
+        per_step = parts[name].per_step_ms()
+        rows.append(
+            [
+                name,
+                f"{1000 * step:.2f}",
+                f"{step / base:.3f}",
+                f"{per_step['teacher_ms']:.2f}",
+                f"{per_step['bookkeeping_ms']:.2f}",
+            ]
+        )
+    notes = (
+        "One process; each batch is stepped by every variant in turn (training_step, backward, Adam), so they share "
+        "the allocator's state; median over the steps of every epoch but the first. Cached: a memory TeacherCache "
+        "filled beforehand (`lightning_mtkd.cli.fill_cache`, the cache command's code); teacher outputs ms/step = "
+        "time in `teacher_forward` (the gather by index); bookkeeping = `_update_metrics` + `_log_terms` (here "
+        "outside a Trainer: no `self.log`). What a cached step adds to the student's: the gather, the soft-target "
+        "terms, the hint's adaptor and feature distance (SharedDistiller), and Adam over the adaptor."
+    )
+    header = ["variant", "ms/step (median)", "÷ student alone", "teacher outputs ms/step", "bookkeeping ms/step"]
+    out = args.out or os.path.join(C.RESULTS, "cache-steps.md")
+    print(
+        C.write_table(out, "Teacher-output cache: one step, in one process", C.describe_job(args), header, rows, notes)
+    )
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_job_arguments(parser)
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, help="strategy classes (dotted paths)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--feature-dtype", default="same", choices=["same", "float16", "bfloat16"])
+    parser.add_argument("--steps", action="store_true", help="one process, steps interleaved (see above)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps:
+        steps_main(args)
+        return
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: the first epoch fills the cache, the later ones are the cached figure")
     if args.worker:

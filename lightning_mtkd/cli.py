@@ -174,7 +174,8 @@ def fill_cache(
 ) -> dict[str, dict[str, Any]]:
     """Fill ``cache`` for ``splits`` of ``datamodule`` with ``module``'s teachers, in one process on one device of
     ``accelerator``, under the trainer ``precision`` the runs that read the files will use (it is part of their
-    fingerprint). What ``lightning-mtkd cache`` does once it has built the run's objects."""
+    fingerprint). What ``lightning-mtkd cache`` does once it has built the run's objects. A memory ``cache`` keeps
+    its filled arrays: a ``fit`` with it as a callback then starts cached."""
     filler = _FillCache(cache, splits)
     trainer = Trainer(
         accelerator=accelerator,
@@ -191,7 +192,8 @@ def fill_cache(
     try:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
-        cache.teardown(trainer, module, "validate")
+        if cache.storage != "memory":  # files flushed and closed; a memory cache stays filled for a later fit
+            cache.teardown(trainer, module, "validate")
     return filler.filled
 
 
