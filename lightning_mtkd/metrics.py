@@ -1,7 +1,11 @@
-"""Metrics torchmetrics does not have: angular errors of surface normals.
+"""Metrics torchmetrics does not have: angular errors of surface normals, and every task kind's metrics for
+many tasks at once.
 
 Pure functions first, thin ``Metric`` wrappers after (the torchmetrics pattern). Each metric
 accumulates sums over the epoch, so it syncs across DDP processes like any torchmetrics metric.
+:func:`task_statistics` and :func:`task_metric_values` are the maths of
+:class:`~lightning_mtkd.bookkeeping.TaskGroupMetrics`: per-task counts and sums from stacked outputs, and
+the metrics :meth:`Task.make_metrics` names from them, equal to torchmetrics' per task.
 """
 
 from __future__ import annotations
