@@ -421,7 +421,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (module.compile())")
     parser.add_argument("--tasks", type=int, nargs="+", help="task counts to sweep on the tiny MLP job instead")
     parser.add_argument("--tiny-batch", type=int, default=64, help="batch size of the task-count sweep")
-    parser.add_argument("--tiny-steps", type=int, default=100, help="steps per epoch of the task-count sweep")
+    parser.add_argument("--tiny-steps", type=int, default=200, help="steps per epoch of the task-count sweep")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tasks and not args.threads:
