@@ -99,15 +99,17 @@ class TaskGroupMetrics(Metric):
         else:
             valid = target != (self.missing_value if self.kind in REAL_KINDS else int(self.missing_value))
         counts, sums = task_statistics(self.kind, preds.detach(), target, valid, self.num_classes)
+        # Out of place, as torchmetrics does: a module sent to ddp_spawn's processes shares its tensors' memory
+        # with them (and they with each other), so an in-place add would count every rank's batches everywhere.
         if rows is None or len(rows) == len(self.names) and list(rows) == list(range(len(self.names))):
-            self.counts += counts
+            self.counts = self.counts + counts
             if sums is not None:
-                self.sums += sums
+                self.sums = self.sums + sums
             return
         index = self._index(tuple(rows))
-        self.counts.index_add_(0, index, counts)
+        self.counts = self.counts.index_add(0, index, counts)
         if sums is not None:
-            self.sums.index_add_(0, index, sums)
+            self.sums = self.sums.index_add(0, index, sums)
 
     def _index(self, rows: tuple[int, ...]) -> Tensor:
         # Built once per subset and device: a tensor made from a list each step would copy host → device.
@@ -159,14 +161,14 @@ class TermMeans(Metric):
             stacked = torch.stack([torch.as_tensor(v, device=self.sums.device).reshape(()) for v in values])
         stacked = stacked.to(device=self.sums.device, dtype=torch.float64)
         index = self._slots[names]
-        if index is None:  # every registered term, in order: the common case
-            self.sums += stacked * weight
-            self.weights += weight
+        if index is None:  # every registered term, in order: the common case (out of place: see TaskGroupMetrics)
+            self.sums = self.sums + stacked * weight
+            self.weights = self.weights + weight
         else:
             if index.device != self.sums.device:
                 index = self._slots[names] = index.to(self.sums.device)
-            self.sums.index_add_(0, index, stacked * weight)
-            self.weights.index_add_(0, index, torch.full_like(stacked, weight))
+            self.sums = self.sums.index_add(0, index, stacked * weight)
+            self.weights = self.weights.index_add(0, index, torch.full_like(stacked, weight))
 
     def _register(self, names: tuple[str, ...]) -> None:
         new = [name for name in dict.fromkeys(names) if name not in self.names]

@@ -144,6 +144,21 @@ def test_tasks_left_out_of_some_batches_count_only_where_given():
     assert_metrics_equal(metrics.compute(), teacher_keys)
 
 
+def test_updates_never_write_into_the_state_tensors_in_place():
+    """A module sent to ddp_spawn's processes shares its tensors' memory with them: the state must be replaced,
+    not added to in place, or every process would count into the parent's (and each other's) tensors."""
+    metrics = TaskMetrics({t.name: t for t in TASKS}, "val")
+    before = {id(group): group.counts for group in metrics.groups}
+    terms_before = metrics.terms.sums
+    outputs, targets = batches(1)[0]
+    metrics.update(outputs, targets)
+    metrics.update({"a": outputs["a"]}, targets)  # a subset: the index_add path
+    metrics.update_terms({"a": torch.tensor(1.0)}, {}, {}, 4)
+    for group in metrics.groups:
+        assert group.counts is not before[id(group)] and int(before[id(group)].sum()) == 0
+    assert metrics.terms.sums is not terms_before
+
+
 def test_term_means_are_batch_size_weighted_and_grow_with_new_terms():
     means = TermMeans()
     means.update(("x", "y"), [torch.tensor(1.0), torch.tensor(3.0)], 4)
