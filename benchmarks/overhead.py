@@ -339,15 +339,15 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sweep_main(args: argparse.Namespace, argv: list[str]) -> None:
-    variants = [f"{v}:{n}" for n in args.tasks for v in SWEEP_VARIANTS]
+    variants = [f"{v}:{n}" for n in args.tasks for v in SWEEP_VARIANTS if v in args.variants]
     results = C.interleave(os.path.abspath(__file__), variants, argv, args.repeats)
     steps = args.tiny_steps
 
     def step_ms(variant: str, count: int) -> float:
-        return 1000 * C.median_of(results[f"{variant}:{count}"], "epoch_s") / steps
+        return 1000 * C.median_of(results.get(f"{variant}:{count}", []), "epoch_s") / steps
 
     def book(count: int, key: str) -> float:
-        return C.median_of(results[f"mtm:{count}"], key)
+        return C.median_of(results.get(f"mtm:{count}", []), key)
 
     def amortised(count: int) -> float:
         return book(count, "steady_ms") + (book(count, "per_epoch_ms") - book(count, "steady_ms")) / steps
@@ -421,6 +421,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (module.compile())")
     parser.add_argument("--tasks", type=int, nargs="+", help="task counts to sweep on the tiny MLP job instead")
     parser.add_argument("--tiny-batch", type=int, default=64, help="batch size of the task-count sweep")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=SWEEP_VARIANTS,
+        default=list(SWEEP_VARIANTS),
+        help="the sweep's variants to run (default: all)",
+    )
     parser.add_argument("--tiny-steps", type=int, default=200, help="steps per epoch of the task-count sweep")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
