@@ -55,6 +55,8 @@ class TeacherCache(L.Callback):
             shareable by later runs with the same fingerprint), or ``auto``: memory if the split's
             outputs fit in ``max_memory_mb``, else disk. In memory, a split whose complete file is in
             ``cache_dir`` (written by ``lightning-mtkd cache`` or a disk run) is read from it, not computed.
+            On a GPU prefer memory: a disk cache gathers rows on the host, so each step copies the batch's
+            ``index`` to the host (a sync); a memory cache gathers on the device, with no sync.
         cache_dir: Folder of the cache files (one per split and fingerprint; delete it to reclaim space).
         max_memory_mb: The most a split may take in memory under ``auto``.
         feature_dtype: Store tapped features as ``float16``/``bfloat16`` to halve their size (task
