@@ -210,9 +210,8 @@ def steps_main(args: argparse.Namespace) -> None:
     )
     header = ["variant", "ms/step (median)", "÷ student alone", "teacher outputs ms/step", "bookkeeping ms/step"]
     out = args.out or os.path.join(C.RESULTS, "cache-steps.md")
-    print(
-        C.write_table(out, "Teacher-output cache: one step, in one process", C.describe_job(args), header, rows, notes)
-    )
+    job = C.describe_job(args).rsplit("; ", 1)[0] + f"; {args.epochs} epochs (first untimed), one process, interleaved"
+    print(C.write_table(out, "Teacher-output cache: one step, in one process", job, header, rows, notes))
     print(f"written to {out}")
 
 
