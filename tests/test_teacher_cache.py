@@ -203,35 +203,50 @@ def test_multi_teacher_outputs_and_features_are_cached_per_teacher(tmp_path):
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense``: the op behind ``.item()``, ``bool(tensor)`` — a host sync on a GPU."""
+    """Counts the ops that make the host wait for a GPU: ``aten._local_scalar_dense`` (``.item()``, ``bool(tensor)``),
+    ``nonzero`` and boolean-mask indexing (results whose size depends on the data)."""
+
+    SYNC_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
 
     def __init__(self) -> None:
         super().__init__()
         self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        masked = func in self.INDEXING and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
+        if func in self.SYNC_OPS or masked:
             self.syncs += 1
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
 def test_hot_path_has_no_host_sync(tmp_path, cached):
-    """After the first epoch (which checks the first batch and fills the cache), a step never syncs with the host."""
-    counters = [SyncCounter(), SyncCounter()]
+    """After the first epoch (which checks the first batch and fills the cache), a step — teacher outputs, losses,
+    the student's and the teacher's metrics, the logged terms — never syncs with the host, in training or validation."""
+    counters = {(epoch, stage): SyncCounter() for epoch in range(2) for stage in ("train", "val")}
     steps: list[tuple[int, int]] = []
 
     class Watched(SharedDistiller):
         def training_step(self, batch, batch_idx):
             steps.append((self.current_epoch, batch_idx))
-            with counters[self.current_epoch]:
+            with counters[(self.current_epoch, "train")]:
                 return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            if self.trainer.sanity_checking:
+                return super().validation_step(batch, batch_idx)
+            with counters[(self.current_epoch, "val")]:
+                return super().validation_step(batch, batch_idx)
 
     cache = TeacherCache(storage="memory") if cached else None
     fit(tmp_path, teacher_net(), cache, epochs=2, module_cls=Watched)
     assert len(steps) == 8 and (cache is None or cache.counts["train"] == {"cached": 4, "computed": 4})
-    assert counters[0].syncs > 0  # epoch 0 fills the cache and checks the first batch: the counter sees those
-    assert counters[1].syncs == 0
+    assert counters[(0, "train")].syncs > 0  # epoch 0 fills the cache and checks the first batch: the counter sees it
+    assert counters[(1, "train")].syncs == 0
+    assert counters[(1, "val")].syncs == 0
 
 
 def test_missing_or_out_of_range_index_and_wrong_module_get_clear_errors(tmp_path):

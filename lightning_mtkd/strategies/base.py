@@ -36,8 +36,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
+from lightning_mtkd.bookkeeping import TaskMetrics
 from lightning_mtkd.checkpoints import (
     CLASS_KEY,
     as_module,
@@ -62,7 +62,7 @@ from lightning_mtkd.strategies.step import (
     TeacherOutputSource,
 )
 from lightning_mtkd.tasks import KDLoss, Task, as_tasks
-from lightning_mtkd.teachers import TEACHER, Teachers
+from lightning_mtkd.teachers import TEACHER, TeacherPrecision, Teachers
 from lightning_mtkd.weighting.base import StaticWeighting, Weighting
 
 STAGES = ("train", "val", "test")
@@ -121,13 +121,9 @@ class MultiTaskModule(L.LightningModule):
         self._student_tap: FeatureTap | None = None
         self._checked_stages: set[str] = set()
 
-    def _make_metrics(self, stage: str, who: str = "") -> nn.ModuleDict:
-        return nn.ModuleDict(
-            {
-                name: MetricCollection(task.make_metrics(), prefix=f"{stage}/{name}/{who}")
-                for name, task in self.tasks.items()
-            }
-        )
+    def _make_metrics(self, stage: str, who: str = "") -> TaskMetrics:
+        # Grouped, vectorised task metrics and loss-term means: no per-task work or log call in a step.
+        return TaskMetrics(self.tasks, stage, who)
 
     # ------------------------------------------------------------------------------ forward passes
     def forward(self, inputs: Any) -> dict[str, Tensor]:
@@ -251,10 +247,8 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------ metrics and logs
     def _update_metrics(self, step: Step) -> None:
-        metrics: nn.ModuleDict = getattr(self, f"{step.stage}_metrics")
-        for name, task in self.tasks.items():
-            metrics[name].update(*task.metric_inputs(step.student.outputs[name].detach(), step.labels[name]))
-            self.log_dict(metrics[name], on_step=False, on_epoch=True)
+        metrics: TaskMetrics = getattr(self, f"{step.stage}_metrics")
+        metrics.update(step.student.outputs, step.labels, module=self)
 
     def _log_terms(
         self, step: Step, loss: Tensor, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor]
@@ -264,12 +258,10 @@ class MultiTaskModule(L.LightningModule):
         # Evaluation losses are averaged over all ranks at epoch end (one reduction, not one per step).
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
-        named = {f"{stage}/{name}/loss": value for name, value in task_losses.items()}
-        for term, value in distill_terms.items():
-            kind, _, task = term.partition("/")
-            named[f"{stage}/{task}/{kind}" if task else f"{stage}/{kind}"] = value
-        named.update({f"{stage}/{name}": value for name, value in step.logs.items()})
-        self.log_dict(named, on_step=False, on_epoch=True, batch_size=size, sync_dist=sync)
+        # The named terms (`{stage}/{task}/loss`, `{stage}/{task}/kd`, `{stage}/hint`, step.logs): batch-weighted
+        # epoch means, summed over processes, added as one vector per step and logged once per epoch.
+        metrics: TaskMetrics = getattr(self, f"{stage}_metrics")
+        metrics.update_terms(task_losses, distill_terms, step.logs, size, module=self)
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -345,6 +337,10 @@ class DistillationModule(MultiTaskModule):
             ``dist`` (DIST), ``mse``; ``l1`` / ``cosine`` for depth / normals maps. ``None`` (or a task left
             out): the task kind's natural loss. :data:`lightning_mtkd.tasks.KD_LOSSES` lists what each kind
             accepts; anything else fails here, naming the task.
+        teacher_precision: ``"32"``; ``"bf16"`` or ``"16"`` (float16) casts the teachers' weights once and runs them in
+            that dtype, outputs returned as float32 (see :class:`~lightning_mtkd.teachers.Teachers`).
+        teacher_device: Run the teachers there (``"cpu"`` while the student trains on a GPU); outputs come back to
+            the student's device. ``None``: wherever the module is.
     """
 
     #: Strategies that distil every task from one multi-task teacher (named ``TEACHER``) set this.
@@ -369,6 +365,8 @@ class DistillationModule(MultiTaskModule):
         pseudo_label_missing: bool = False,
         unpack_inputs: bool = True,
         kd_loss: KDLoss | dict[str, KDLoss] | None = None,
+        teacher_precision: TeacherPrecision = "32",
+        teacher_device: str | None = None,
     ) -> None:
         super().__init__(student, tasks, weighting, optimizer, scheduler, unpack_inputs)
         if not temperature > 0:
@@ -387,7 +385,7 @@ class DistillationModule(MultiTaskModule):
         self.pseudo_label_missing = pseudo_label_missing
         self.adaptor_lr = adaptor_lr
         # A plain attribute, not a submodule: never in state_dict(), parameters() or DDP's sync.
-        self.teachers = Teachers(teacher, load_teacher)
+        self.teachers = Teachers(teacher, load_teacher, precision=teacher_precision, device=teacher_device)
         #: Adaptors, one per feature pair that needs one; sized by a dry run at setup.
         self.adaptors = DeferredModules(Adaptor)
         #: Other modules a strategy trains (``configure_extra_modules``), sized by the same dry run.
@@ -549,7 +547,5 @@ class DistillationModule(MultiTaskModule):
         super()._update_metrics(step)
         if step.stage == "train" or not step.targets:
             return
-        metrics: nn.ModuleDict = getattr(self, f"{step.stage}_teacher_metrics")
-        for name, target in step.targets.items():
-            metrics[name].update(*self.tasks[name].metric_inputs(target, step.labels[name]))
-            self.log_dict(metrics[name], on_step=False, on_epoch=True)
+        metrics: TaskMetrics = getattr(self, f"{step.stage}_teacher_metrics")
+        metrics.update(step.targets, step.labels, module=self)
