@@ -61,6 +61,7 @@ from lightning_mtkd.strategies.step import (
     Step,
     TeacherOutputSource,
 )
+from lightning_mtkd.task_groups import TaskGroups
 from lightning_mtkd.tasks import KDLoss, Task, as_tasks
 from lightning_mtkd.teachers import TEACHER, TeacherPrecision, Teachers
 from lightning_mtkd.weighting.base import StaticWeighting, Weighting
@@ -107,6 +108,8 @@ class MultiTaskModule(L.LightningModule):
         # Once, for the whole class chain: a strategy's (or a user's subclass's) own arguments included.
         save_init_arguments(self, inspect.currentframe())
         self.tasks: dict[str, Task] = as_tasks(tasks)
+        # Tasks of one kind and width have their losses computed together: a few kernels however many tasks.
+        self.task_groups = TaskGroups(self.tasks)
         # Errors name the argument the user passes: a strategy takes its network as `student`.
         self.model = as_module(model, "student" if "student" in exposed_parameters(type(self)) else "model")
         chosen = as_module(weighting, "weighting") if weighting is not None else StaticWeighting()
@@ -174,8 +177,7 @@ class MultiTaskModule(L.LightningModule):
 
         # Losses may train on stand-ins for missing labels (pseudo-labels); metrics always use the real labels.
         supervised = self.supervision_targets(step)
-        outputs = step.student.outputs
-        task_losses = {name: task.supervised_loss(outputs[name], supervised[name]) for name, task in self.tasks.items()}
+        task_losses = self.task_groups.supervised_losses(step.student.outputs, supervised)
         distilling = bool(step.teachers)
         distill_terms = {**self.distillation_loss(step), **step.terms} if distilling else {}
         loss = self.weighting.combine(task_losses, distill_terms, self.distillation_alpha if distilling else 0.0)
@@ -257,7 +259,11 @@ class MultiTaskModule(L.LightningModule):
         on_step = stage == "train"
         # Evaluation losses are averaged over all ranks at epoch end (one reduction, not one per step).
         sync = stage != "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=sync)
+        # Not on the progress bar while training: the bar reads its values on the host after every batch, a sync
+        # per step on a GPU; the validation loss shows there once per epoch.
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, batch_size=size, sync_dist=sync
+        )
         # The named terms (`{stage}/{task}/loss`, `{stage}/{task}/kd`, `{stage}/hint`, step.logs): batch-weighted
         # epoch means, summed over processes, added as one vector per step and logged once per epoch.
         metrics: TaskMetrics = getattr(self, f"{stage}_metrics")
@@ -435,14 +441,19 @@ class DistillationModule(MultiTaskModule):
         weights: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """``{"kd/<task>": weight · distillation loss}`` for every task that has a teacher target (``kd_loss``)."""
-        terms = {}
-        for name, target in step.targets.items():
-            temperature = temperatures[name] if temperatures is not None else self.temperature
-            loss = self.tasks[name].distillation_loss(
-                step.student.outputs[name], target, temperature, self.kd_losses.get(name), step.labels.get(name)
+        student, labels = step.student.outputs, step.labels
+        if temperatures is None:  # one temperature: tasks of one kind and width computed together
+            losses = self.task_groups.distillation_losses(
+                student, step.targets, self.temperature, self.kd_losses, labels
             )
-            terms[f"kd/{name}"] = loss if weights is None else weights[name] * loss
-        return terms
+        else:
+            losses = {
+                name: self.tasks[name].distillation_loss(
+                    student[name], target, temperatures[name], self.kd_losses.get(name), labels.get(name)
+                )
+                for name, target in step.targets.items()
+            }
+        return {f"kd/{name}": loss if weights is None else weights[name] * loss for name, loss in losses.items()}
 
     def hint_terms(self, step: Step) -> dict[str, Tensor]:
         r"""``{pair.name: weight · d(f^s, f^t)}`` for every feature pair the base compares: through an adaptor

@@ -11,7 +11,7 @@ Distillation terms are named ``"{kind}/{task}"`` for per-task terms (``"kd/left"
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -83,11 +83,26 @@ class StaticWeighting(Weighting):
     Without a teacher (:class:`~lightning_mtkd.MultiTaskModule`) ``alpha`` is 0: a weighted sum of task losses.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple[Any, ...], Tensor] = {}
+
     def combine(self, task_losses: Mapping[str, Tensor], distill_terms: Mapping[str, Tensor], alpha: float) -> Tensor:
-        total = torch.zeros((), device=next(iter(task_losses.values())).device)
-        for name, loss in task_losses.items():
-            total = total + (1 - alpha) * self.tasks[name].weight * loss
-        for name, term in distill_terms.items():
-            task = term_task(name)
-            total = total + alpha * (self.tasks[task].weight if task in self.tasks else 1.0) * term
-        return total
+        # One weighted sum of all terms (not one multiply-add per term: tens of tasks make that the cost).
+        values = [*task_losses.values(), *distill_terms.values()]
+        coefficients = self._coefficients(tuple(task_losses), tuple(distill_terms), alpha, values[0].device)
+        return (torch.stack(values) * coefficients).sum()
+
+    def _coefficients(
+        self, tasks: tuple[str, ...], terms: tuple[str, ...], alpha: float, device: torch.device
+    ) -> Tensor:
+        """Each term's factor, made once per set of term names (then reused: no host-to-device copy per step)."""
+        key = (tasks, terms, alpha, device)
+        cached = self._cache.get(key)
+        if cached is None:
+            factors = [(1 - alpha) * self.tasks[name].weight for name in tasks]
+            for name in terms:
+                task = term_task(name)
+                factors.append(alpha * (self.tasks[task].weight if task in self.tasks else 1.0))
+            cached = self._cache[key] = torch.tensor(factors, device=device)
+        return cached
