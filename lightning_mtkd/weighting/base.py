@@ -104,5 +104,7 @@ class StaticWeighting(Weighting):
             for name in terms:
                 task = term_task(name)
                 factors.append(alpha * (self.tasks[task].weight if task in self.tasks else 1.0))
-            cached = self._cache[key] = torch.tensor(factors, device=device)
+            # A normal tensor even when first made in an evaluation loop (inference mode): training reuses it.
+            with torch.inference_mode(False):
+                cached = self._cache[key] = torch.tensor(factors, device=device)
         return cached
