@@ -64,10 +64,12 @@ class OfflineRun:
 
     def __init__(self, save_dir: str, timeout: float = 30.0) -> None:
         (self.dir,) = glob.glob(os.path.join(save_dir, "wandb", "offline-run-*"))
-        (log,) = glob.glob(os.path.join(self.dir, "run-*.wandb"))
-        # wandb-core writes the log from its own process and may still be flushing when finish() returns:
-        # read until the run's closing "exit" record is there.
+        # wandb-core writes the log from its own process and may still be creating or flushing it when
+        # finish() returns (seen on a loaded CI machine): wait for the file, then for its closing "exit" record.
         deadline = time.monotonic() + timeout
+        while not (logs := glob.glob(os.path.join(self.dir, "run-*.wandb"))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (log,) = logs
         while not any(r.WhichOneof("record_type") == "exit" for r in records(log)) and time.monotonic() < deadline:
             time.sleep(0.2)
         self.history: list[dict[str, Any]] = []
