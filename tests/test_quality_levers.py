@@ -261,3 +261,35 @@ def test_kd_search_choice_is_saved_and_restored_without_searching_again(tmp_path
         )
     with pytest.raises(ValueError, match="alphas"):
         KDSearch(alphas=[1.5])
+
+
+# ------------------------------------------------------------------------------ DDP
+class RecordChoices(L.Callback):
+    """Writes, on every rank, the soft-target settings and the teachers each task distils from."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+        import os
+
+        choice = {"T": pl_module.temperature, "alpha": pl_module.distillation_alpha, "trusted": pl_module.trusted}
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(choice, f, sort_keys=True)
+
+
+@pytest.mark.ddp
+def test_every_ddp_rank_distils_with_the_same_search_and_trust_choices(tmp_path):
+    """Each rank's trial fits see only its own shard, so their rankings may differ: rank 0's choice is broadcast.
+    Trust reads the whole validation loader on every rank, so every rank makes the same choice."""
+    teachers = {"multitask": Oracle(), "left": Oracle(("left",), wrong=("left",)), "right": Oracle(("right",))}
+    module = FusionDistiller(Recorder(), teachers, TASKS)
+    search = KDSearch(temperatures=[1.0, 4.0], alphas=[0.2, 0.8], epochs=1, max_batches=1)
+    trainer = quick_trainer(
+        tmp_path, max_epochs=1, limit_val_batches=1, strategy="ddp_spawn", devices=2,
+        callbacks=[search, TeacherTrust(tolerance=0.0), RecordChoices(str(tmp_path))],
+    )  # fmt: skip
+    trainer.fit(module, oracle_datamodule())
+    ranks = [(tmp_path / f"rank{r}.json").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1] and '"left": ["multitask"]' in ranks[0]
