@@ -78,7 +78,7 @@ def test_beta_and_gamma_draws_have_their_moments():
         draws = _gamma(shape, 20_000, generator)
         assert draws.min() > 0 and abs(draws.mean().item() - shape) < 0.05 * shape + 0.02
     beta = _beta(0.5, 20_000, generator)
-    assert 0 <= beta.min() and beta.max() <= 1
+    assert beta.min() >= 0 and beta.max() <= 1
     assert abs(beta.mean().item() - 0.5) < 0.02 and abs(beta.var().item() - 0.125) < 0.01  # Beta(a, a): 1/(8a + 4)
 
 
