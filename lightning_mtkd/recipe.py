@@ -117,7 +117,8 @@ def dataset_tasks(config: dict[str, Any]) -> list[Task]:
     """The tasks of a :data:`DATASETS` entry."""
     name = config["data"].get("dataset", "multimnist")
     if name == "penguins":
-        return [Task("species", num_classes=3), Task("sex", num_classes=2), Task("body_mass", kind="regression", num_classes=1)]
+        body_mass = Task("body_mass", kind="regression", num_classes=1)
+        return [Task("species", num_classes=3), Task("sex", num_classes=2), body_mass]
     if name == "abalone":
         return [Task("sex", num_classes=3), Task("rings", kind="regression", num_classes=1)]
     return TASKS

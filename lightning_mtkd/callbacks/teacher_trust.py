@@ -8,7 +8,8 @@ accuracy, MAE, …), and keeps, per task, the teachers within ``tolerance`` of t
 distils that task from those only. The choice is made once (the teachers are frozen, so it cannot change),
 printed, logged to the trainer's loggers (:meth:`TeacherTrust.log_choice`) and saved in the checkpoint.
 
-Strategies take the choice through one method, ``trust_teachers(choice: dict[task, list[teacher]])``:
+Strategies take the choice through one method, ``trust_teachers(choice, scores)`` (``{task: [teachers, best
+first]}`` and ``{task: {teacher: score}}``):
 :class:`~lightning_mtkd.TaskSpecificDistiller` distils each task from its best teacher,
 :class:`~lightning_mtkd.FusionDistiller` fuses the trusted teachers only. Strategies with one teacher per
 task and nothing to choose from are left as they are.
@@ -109,7 +110,7 @@ class TeacherTrust(L.Callback):
         self.scores = self.score_teachers(pl_module, loader)
         higher = {task: pl_module.tasks[task].higher_is_better for task in self.scores}
         self.choice = trusted_teachers(self.scores, higher, self.tolerance)
-        pl_module.trust_teachers(self.choice)
+        pl_module.trust_teachers(self.choice, self.scores)
         dropped = {t: [k for k in self.scores[t] if k not in self.choice[t]] for t in self.choice}
         rank_zero_info(
             "teacher trust (validation "

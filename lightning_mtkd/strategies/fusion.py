@@ -136,7 +136,7 @@ class FusionDistiller(DistillationModule):
 
         return _trust_callback(self)
 
-    def trust_teachers(self, choice: Mapping[str, list[str]]) -> None:
+    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
         """Fuse, per task, only the teachers of ``choice`` (from :class:`~lightning_mtkd.callbacks.TeacherTrust`)."""
         self.trusted = {task: list(names) for task, names in choice.items()}
 

@@ -102,9 +102,17 @@ class TaskSpecificDistiller(DistillationModule):
     def configure_callbacks(self) -> list[Any]:
         return _trust_callback(self)
 
-    def trust_teachers(self, choice: Mapping[str, list[str]]) -> None:
+    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
         """Distil each task from the best teacher of ``choice`` (``{task: [teachers, best first]}``, from
-        :class:`~lightning_mtkd.callbacks.TeacherTrust`); teachers that then teach no task are not run."""
+        :class:`~lightning_mtkd.callbacks.TeacherTrust`; ``scores``: every teacher's score per task it outputs);
+        teachers that then teach no task are not run. A task's own teacher that does not output it is still an
+        error (trust chooses among working teachers; it does not repair a wrong mapping)."""
+        for task, teacher in self.task_teachers.items():
+            if teacher not in scores.get(task, {}):
+                raise KeyError(
+                    f"teacher {teacher!r} teaches task {task!r} but does not output it. Give {task!r} a teacher "
+                    f"trained on it (name it {task!r} or map it in `task_teachers`)."
+                )
         for task, names in choice.items():
             if task in self.task_teachers and names:
                 self.task_teachers[task] = names[0]
