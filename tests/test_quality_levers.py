@@ -177,6 +177,10 @@ def test_trusted_teachers_keeps_those_within_the_tolerance_of_the_best():
     higher = {"a": True, "mae": False}
     assert trusted_teachers(scores, higher, 0.0) == {"a": ["y"], "mae": ["x"]}
     assert trusted_teachers(scores, higher, 0.25) == {"a": ["y", "x"], "mae": ["x", "y"]}
+    # Within two standard errors of the paired difference: not clearly worse, kept.
+    errors = {"a": {"x": 0.03, "y": 0.0}, "mae": {"y": 0.11}}
+    assert trusted_teachers(scores, higher, 0.0, errors, z=2.0) == {"a": ["y", "x"], "mae": ["x", "y"]}
+    assert trusted_teachers(scores, higher, 0.0, errors, z=1.0) == {"a": ["y"], "mae": ["x"]}
 
 
 def test_task_specific_distils_a_task_from_the_multitask_teacher_when_its_own_is_worse(tmp_path):
@@ -186,6 +190,7 @@ def test_task_specific_distils_a_task_from_the_multitask_teacher_when_its_own_is
     trainer.fit(module, oracle_datamodule())
     trust = next(c for c in trainer.callbacks if isinstance(c, TeacherTrust))  # added by the strategy itself
     assert trust.scores["left"]["left"] < 0.2 and trust.scores["left"]["multitask"] == 1.0
+    assert trust.standard_errors["left"]["multitask"] == 0.0 and 0 < trust.standard_errors["left"]["left"] < 0.1
     assert module.task_teachers == {"left": "multitask", "right": "right"}  # right: a tie, its own teacher first
     assert "left" not in module.teachers.names  # a teacher that teaches nothing no longer runs
     path = tmp_path / "student.ckpt"
@@ -199,7 +204,7 @@ def test_task_specific_distils_a_task_from_the_multitask_teacher_when_its_own_is
 def test_fusion_fuses_only_the_trusted_teachers_and_a_trainer_callback_wins(tmp_path):
     teachers = {"multitask": Oracle(), "left": Oracle(("left",), wrong=("left",)), "right": Oracle(("right",))}
     module = FusionDistiller(Recorder(), teachers, TASKS)
-    mine = TeacherTrust(tolerance=0.0, max_batches=1)
+    mine = TeacherTrust(tolerance=0.0, z=0.0, max_batches=1)
     trainer = quick_trainer(tmp_path, max_steps=1, limit_val_batches=1, callbacks=[mine])
     trainer.fit(module, oracle_datamodule())
     assert [c for c in trainer.callbacks if isinstance(c, TeacherTrust)] == [mine]
@@ -288,7 +293,7 @@ def test_every_ddp_rank_distils_with_the_same_search_and_trust_choices(tmp_path)
     search = KDSearch(temperatures=[1.0, 4.0], alphas=[0.2, 0.8], epochs=1, max_batches=1)
     trainer = quick_trainer(
         tmp_path, max_epochs=1, limit_val_batches=1, strategy="ddp_spawn", devices=2,
-        callbacks=[search, TeacherTrust(tolerance=0.0), RecordChoices(str(tmp_path))],
+        callbacks=[search, TeacherTrust(z=0.0), RecordChoices(str(tmp_path))],
     )  # fmt: skip
     trainer.fit(module, oracle_datamodule())
     ranks = [(tmp_path / f"rank{r}.json").read_text() for r in (0, 1)]
