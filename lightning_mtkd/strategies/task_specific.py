@@ -49,8 +49,9 @@ class TaskSpecificDistiller(DistillationModule):
         teacher_trust: Before fitting, score every teacher on the validation split and distil each task from
             the best teacher that outputs it (:class:`~lightning_mtkd.callbacks.TeacherTrust`, added unless the
             trainer has one). With it, ``teacher`` may hold candidates that teach no task by default, e.g. the
-            multi-task teacher next to the single-task ones: a task whose own teacher is worse on it than the
-            multi-task teacher learns from the latter. With one teacher per task it changes nothing.
+            multi-task teacher next to the single-task ones: a task whose own teacher is clearly worse on it
+            (beyond two standard errors on the validation split) learns from the best candidate instead. With
+            one teacher per task, or no clearly worse teacher, it changes nothing.
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
@@ -103,7 +104,8 @@ class TaskSpecificDistiller(DistillationModule):
         return _trust_callback(self)
 
     def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
-        """Distil each task from the best teacher of ``choice`` (``{task: [teachers, best first]}``, from
+        """Distil each task from its own teacher while ``choice`` keeps it, else from the best teacher of ``choice``
+        (``{task: [teachers, best first]}``, from
         :class:`~lightning_mtkd.callbacks.TeacherTrust`; ``scores``: every teacher's score per task it outputs);
         teachers that then teach no task are not run. A task's own teacher that does not output it is still an
         error (trust chooses among working teachers; it does not repair a wrong mapping)."""
@@ -114,7 +116,9 @@ class TaskSpecificDistiller(DistillationModule):
                     f"trained on it (name it {task!r} or map it in `task_teachers`)."
                 )
         for task, names in choice.items():
-            if task in self.task_teachers and names:
+            # Its own teacher unless trust dropped it (clearly worse): switching on a tie was measured to cost
+            # 0.6 points on MultiMNIST (benchmarks/results/quality-screens.md).
+            if task in self.task_teachers and names and self.task_teachers[task] not in names:
                 self.task_teachers[task] = names[0]
         for name in [n for n in self.teachers.names if n not in self.task_teachers.values()]:
             del self.teachers.sources[name]
