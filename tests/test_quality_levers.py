@@ -298,3 +298,43 @@ def test_every_ddp_rank_distils_with_the_same_search_and_trust_choices(tmp_path)
     trainer.fit(module, oracle_datamodule())
     ranks = [(tmp_path / f"rank{r}.json").read_text() for r in (0, 1)]
     assert ranks[0] == ranks[1] and '"left": ["multitask"]' in ranks[0]
+
+
+# ------------------------------------------------------------------------------ the configs
+@pytest.mark.parametrize(
+    "name", ["shared_consistent.yaml", "shared_unlabelled.yaml", "shared_kd_search.yaml", "task_specific_trust.yaml"]
+)
+def test_lever_configs_fit_one_step_through_the_cli(name, tmp_path):
+    from pathlib import Path
+
+    from conftest import random_datamodule
+
+    from lightning_mtkd.cli import main
+    from lightning_mtkd.models import ConvBackbone, MultiTaskNet
+
+    paths = {}
+    for teacher_name, tasks in (("teacher", TASKS), ("teacher_left", TASKS[:1]), ("teacher_right", TASKS[1:])):
+        net = MultiTaskNet(ConvBackbone(widths=(4, 8), hidden=16), {t.name: 10 for t in tasks})
+        trainer = quick_trainer(tmp_path, max_steps=1)
+        trainer.fit(MultiTaskModule(net, tasks), random_datamodule(shape=(1, 36, 36)))
+        paths[teacher_name] = tmp_path / f"{teacher_name}.ckpt"
+        trainer.save_checkpoint(paths[teacher_name])
+    config = Path(__file__).parents[1] / "configs" / "multimnist" / name
+    teacher = (
+        f"--model.init_args.teacher={{left: {paths['teacher_left']}, right: {paths['teacher_right']}, "
+        f"multitask: {paths['teacher']}}}"
+        if name.startswith("task_specific")
+        else f"--model.init_args.teacher={paths['teacher']}"
+    )
+    small = [f"--data.init_args.{k}={v}" for k, v in (("num_train", 64), ("num_val", 32), ("num_test", 32))]
+    small += ["--data.init_args.batch_size=16"]
+    if name == "shared_unlabelled.yaml":
+        small += ["--data.init_args.num_unlabelled=32"]
+    cli = main(["fit", "--config", str(config), teacher, "--trainer.fast_dev_run=1", *small,
+                f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert "train/left/kd" in cli.trainer.callback_metrics
+    if name == "shared_kd_search.yaml":
+        search = next(c for c in cli.trainer.callbacks if isinstance(c, KDSearch))
+        assert len(search.results) == 6 and cli.model.temperature == search.chosen["temperature"]
+    if name == "shared_unlabelled.yaml":
+        assert cli.datamodule.num_unlabelled == 32
