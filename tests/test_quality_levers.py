@@ -338,3 +338,20 @@ def test_lever_configs_fit_one_step_through_the_cli(name, tmp_path):
         assert len(search.results) == 6 and cli.model.temperature == search.chosen["temperature"]
     if name == "shared_unlabelled.yaml":
         assert cli.datamodule.num_unlabelled == 32
+
+
+def test_a_resumed_fit_draws_the_same_augmented_views_as_an_uninterrupted_one(tmp_path):
+    def fit(epochs: int, ckpt: str | None = None) -> tuple[SharedDistiller, L.Trainer]:
+        L.seed_everything(5)
+        module = SharedDistiller(Recorder(), Oracle(), TASKS, hint_weight=0.0)
+        dm = oracle_datamodule(augment=BatchAugment(noise=0.3, mixup=1.0, mixup_fraction=0.5, seed=2))
+        trainer = quick_trainer(tmp_path, max_epochs=epochs, limit_val_batches=1)
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        return module, trainer
+
+    whole, _ = fit(2)
+    _, first = fit(1)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, _ = fit(2, str(tmp_path / "half.ckpt"))
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
