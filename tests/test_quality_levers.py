@@ -355,3 +355,11 @@ def test_a_resumed_fit_draws_the_same_augmented_views_as_an_uninterrupted_one(tm
     resumed, _ = fit(2, str(tmp_path / "half.ckpt"))
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_fixed_fusion_weights_are_not_second_guessed_by_default(tmp_path):
+    teachers = {"multitask": Oracle(), "left": Oracle(("left",), wrong=("left",)), "right": Oracle(("right",))}
+    module = FusionDistiller(Recorder(), teachers, TASKS, fusion="weights", weights=[1.0, 2.0, 2.0])
+    trainer = quick_trainer(tmp_path, max_steps=1, limit_val_batches=1)
+    trainer.fit(module, oracle_datamodule())
+    assert module.trusted == {} and not any(isinstance(c, TeacherTrust) for c in trainer.callbacks)

@@ -57,7 +57,8 @@ class FusionDistiller(DistillationModule):
         teacher_trust: Before fitting, score every teacher on the validation split and fuse, per task, only the
             teachers within a tolerance of the best (:class:`~lightning_mtkd.callbacks.TeacherTrust`, added
             unless the trainer has one): a teacher clearly worse on a task than another no longer pulls its
-            fused target down.
+            fused target down. Not added with ``fusion="weights"`` (the weights already say whom to trust;
+            add the callback yourself to combine both).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``:
             the learned gates' learning rate, …).
 
@@ -134,7 +135,8 @@ class FusionDistiller(DistillationModule):
     def configure_callbacks(self) -> list[Any]:
         from lightning_mtkd.strategies.task_specific import _trust_callback
 
-        return _trust_callback(self)
+        # Fixed weights are the user's own trust in each teacher: not second-guessed unless asked for.
+        return _trust_callback(self) if self.fusion != "weights" else []
 
     def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
         """Fuse, per task, only the teachers of ``choice`` (from :class:`~lightning_mtkd.callbacks.TeacherTrust`)."""
