@@ -211,14 +211,14 @@ def fit_and_test(
     run = trainer(epochs, progress, [best, *(callbacks or [])] + ([cache] if cache is not None else []))
     run.fit(module, dm)
     if split == "val":
-        return run.validate(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0]
-    return run.test(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0]
+        return dict(run.validate(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0])
+    return dict(run.test(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0])
 
 
 def evaluate_checkpoint(path: str, dm: L.LightningDataModule) -> tuple[MultiTaskModule, dict[str, float]]:
     """A trained ``MultiTaskModule`` (a teacher) loaded from ``path``, and its metrics on ``dm``'s test split."""
     module = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
-    return module, trainer(1, False).test(module, dm, verbose=False)[0]
+    return module, dict(trainer(1, False).test(module, dm, verbose=False)[0])
 
 
 def datamodule(

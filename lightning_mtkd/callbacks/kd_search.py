@@ -194,15 +194,14 @@ class KDSearch(L.Callback):
         configured = module.configure_optimizers()
         optimizer = _first_optimizer(configured)
         module.train()
+        sampler: Any = getattr(loader, "sampler", None)
         for epoch in range(self.epochs):
-            sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             for batch in self._batches(trainer, module, loader, training=True):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss(module, batch).backward()
                 optimizer.step()
-        sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(0)
 

@@ -120,7 +120,7 @@ class TeacherTrust(L.Callback):
         self._restored: dict[str, list[str]] | None = None
 
     # ------------------------------------------------------------------------------ Lightning hooks
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         if stage != "fit" or not hasattr(pl_module, "trust_teachers"):
             return
         loader = _val_loader(trainer)
@@ -236,9 +236,10 @@ def _per_sample_values(task: Any, output: torch.Tensor, target: torch.Tensor) ->
 
 def _val_loader(trainer: L.Trainer) -> Any:
     """The fit's validation loader, before the validation loop has loaded it (``None`` if there is none)."""
-    if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "val_dataloader"):
         try:
-            return trainer.datamodule.val_dataloader()
+            return datamodule.val_dataloader()
         except (NotImplementedError, ValueError):
             return None
     source = trainer.fit_loop.epoch_loop.val_loop._data_source  # plain loaders passed to fit (no public accessor)
