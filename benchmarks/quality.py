@@ -570,16 +570,21 @@ def summary_table(out: str, names: list[str]) -> str:
     from the ``quality-<data>.json`` files in ``out``."""
     results = {}
     for name in names:
-        path = os.path.join(out, f"quality-{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[name] = json.load(f)
+        # The test-split table if there is one, else the validation screen (screens/quality-<data>-val.json).
+        for path in (
+            os.path.join(out, f"quality-{name}.json"),
+            os.path.join(out, "screens", f"quality-{name}-val.json"),
+        ):
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[name] = json.load(f)
+                break
     if not results:
         raise FileNotFoundError(f"no quality-<data>.json in {out}; run benchmarks/quality.py --data NAME first.")
     rows: list[str] = []
     for result in results.values():
         rows += [r for r in result["rows"] if r not in rows and r != "teacher"]
-    header = ["row", *[f"{n} ({r.get('split', 'test')})" for n, r in results.items()]]
+    header = ["row", *[f"{n} ({r.get('split', 'test')}, {len(r['seeds'])} seed(s))" for n, r in results.items()]]
     lines = [
         "# Quality across data sets (benchmarks/quality.py --summary)",
         "",

@@ -125,7 +125,7 @@ def test_quality_rows_take_levers_and_compare_with_scratch_given_the_same_data(t
     single = {"single_task_teachers": {}, "teachers_seconds": 0, "seconds": 1, "workers": 1, "config": {}}
     (tmp_path / "quality-multimnist.json").write_text(json.dumps({**result, **single}))
     text = quality.summary_table(str(tmp_path), ["multimnist", "optdigits"])
-    assert "| shared+aug | +3.00 (60%) ✓ |" in text
+    assert "| shared+aug | +3.00 (60%) ✓ |" in text and "multimnist (val, 2 seed(s))" in text
 
 
 def test_a_teacher_left_to_train_alone_gets_every_core(monkeypatch):
