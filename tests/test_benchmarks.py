@@ -45,10 +45,10 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
     )
     rows = {entry["row"] for entry in out["summary"]}
     assert rows == {"teacher", *ROWS}
-    table = (tmp_path / "quality.md").read_text()
+    table = (tmp_path / "quality-multimnist.md").read_text()
     for row in ROWS:
         assert f"| {row} |" in table
-    assert (tmp_path / "quality.png").stat().st_size > 1000
+    assert (tmp_path / "quality-multimnist.png").stat().st_size > 1000
     single_task = out["result"]["single_task_teachers"]
     assert set(single_task) == {"left", "right"} and all(0 <= acc <= 1 for acc in single_task.values())
     assert f"Single-task teachers (task-specific and fusion): left {100 * single_task['left']:.2f} %" in table
@@ -57,7 +57,7 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path, monkeypatc
     dkd = next(e for e in out["summary"] if e["row"] == "shared-dkd")  # also compared with plain soft targets
     assert dkd["vs_shared"] == pytest.approx(dkd["mean"][0] - shared["mean"][0])
     # The teachers are trained once and reused.
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.ckpt")) == [
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "multimnist").glob("*.ckpt")) == [
         "teacher",
         "teacher_left",
         "teacher_right",
@@ -87,6 +87,45 @@ def test_quality_compares_each_row_with_its_own_scratch_baseline():
     assert shared["beats_scratch"] and transfer["beats_scratch"]
     rows["shared"]["acc"] = {"left": [0.915, 0.915], "right": [0.915, 0.915]}
     assert not {e["row"]: e for e in quality.summarise({"rows": rows})}["shared"]["beats_scratch"]
+
+
+def test_quality_rows_take_levers_and_compare_with_scratch_given_the_same_data(tmp_path):
+    quality = load("quality")
+    assert quality.parse_row("shared+aug+long") == ("shared", ("aug", "long"))
+    assert quality.parse_row("fusion+new") == ("fusion", quality.NEW_DEFAULTS)
+    for bad in ("nope", "shared+nope"):
+        with pytest.raises(ValueError, match="unknown"):
+            quality.parse_row(bad)
+    rows = {
+        "teacher": {"acc": {"a": [0.96], "b": [0.94]}},
+        "scratch": {"acc": {"a": [0.90, 0.90], "b": [0.90, 0.90]}},
+        "scratch+aug": {"acc": {"a": [0.92, 0.92], "b": [0.92, 0.92]}},
+        "shared+aug": {"acc": {"a": [0.93, 0.93], "b": [0.93, 0.93]}},
+    }
+    for row in rows.values():
+        row.update(params=1, latency_ms=0.1, seconds=2.0)
+    result = {"rows": rows, "seeds": [1, 2], "split": "val", "data": "multimnist"}
+    summary = {e["row"]: e for e in quality.summarise(result)}
+    assert summary["scratch+aug"]["baseline"] == "scratch" and "baseline" not in summary["scratch"]
+    assert summary["shared+aug"]["vs_scratch_same"] == ("scratch+aug", pytest.approx(0.01))
+    assert abs(summary["shared+aug"]["gap_closed"] - 0.6) < 1e-9
+    # Regression tasks: an error that falls is a gain in Δm; the mean accuracy is over the classification tasks.
+    rows_mae = {
+        name: {**row, "acc": {"a": row["acc"]["a"], "mae": [1.0] * len(row["acc"]["a"])}} for name, row in rows.items()
+    }
+    rows_mae["shared+aug"]["acc"]["mae"] = [0.5, 0.5]
+    mae = {
+        e["row"]: e
+        for e in quality.summarise({**result, "rows": rows_mae, "higher_is_better": {"a": True, "mae": False}})
+    }
+    assert mae["shared+aug"]["delta_m"] == pytest.approx(100 * (0.03 / 0.90 + 0.5) / 2)
+    assert mae["shared+aug"]["mean"][0] == pytest.approx(0.93)
+    import json
+
+    single = {"single_task_teachers": {}, "teachers_seconds": 0, "seconds": 1, "workers": 1, "config": {}}
+    (tmp_path / "quality-multimnist.json").write_text(json.dumps({**result, **single}))
+    text = quality.summary_table(str(tmp_path), ["multimnist", "optdigits"])
+    assert "| shared+aug | +3.00 (60%) ✓ |" in text and "multimnist (val, 2 seed(s))" in text
 
 
 def test_a_teacher_left_to_train_alone_gets_every_core(monkeypatch):

@@ -122,7 +122,7 @@ def test_learned_gates_sized_by_dry_run_trained_logged_and_reloaded(tmp_path, te
     L.seed_everything(0)
     solo = MultiTaskNet(ConvBackbone(widths=(4, 8), hidden=16), {"left": 10})
     module = FusionDistiller(conv_net((2, 4), 8), {"mt": teacher_ckpt, "solo": solo}, TASKS, fusion="learned",
-                             adaptor_lr=0.03)
+                             teacher_trust=False, adaptor_lr=0.03)
     probe = GradProbe()
     trainer = quick_trainer(tmp_path, max_epochs=1, limit_val_batches=1, callbacks=[probe])
     trainer.fit(module, random_datamodule())
@@ -146,7 +146,8 @@ def test_distillation_term_falls_on_multimnist(tmp_path):
     L.seed_everything(0)
     teachers = {"multitask": mnist_teacher(), "left": mnist_teacher(("left",), 32),
                 "right": mnist_teacher(("right",), 48)}
-    module = FusionDistiller(mnist_net((2, 4), 16), teachers, TASKS, fusion="confidence", alpha=1.0, temperature=2.0)
+    module = FusionDistiller(mnist_net((2, 4), 16), teachers, TASKS, fusion="confidence", alpha=1.0, temperature=2.0,
+                             teacher_trust=False)
     before, after = fit_and_measure(module, tmp_path)
     for task in ("left", "right"):
         assert after[f"val/{task}/kd"] < 0.8 * before[f"val/{task}/kd"], (before, after)
@@ -165,6 +166,7 @@ def test_cli_fits_fusion_yaml_for_one_step(tmp_path):
     config = Path(__file__).parents[1] / "configs" / "multimnist" / "fusion.yaml"
     teachers = "--model.init_args.teacher={" + ", ".join(f"{k}: {v}" for k, v in paths.items()) + "}"
     cli = main(["fit", "--config", str(config), teachers, "--trainer.fast_dev_run=1",
+                "--model.init_args.teacher_trust=false",
                 f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA])
     metrics = cli.trainer.callback_metrics
     assert {"train/left/kd", "train/left/fusion_multitask", "train/left/fusion_left"} <= set(metrics)
@@ -203,10 +205,10 @@ def test_weights_without_weights_mode():
 def test_task_whose_only_teachers_weigh_zero(tmp_path):
     teachers = {"mt": conv_net(), "solo": MultiTaskNet(ConvBackbone(widths=(4, 8), hidden=16), {"right": 10})}
     module = FusionDistiller(conv_net(), teachers, [t for t in TASKS if t.name == "right"], fusion="weights",
-                             weights=[0.0, 1.0])
+                             weights=[0.0, 1.0], teacher_trust=False)
     quick_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, random_datamodule())  # right: solo only
     module = FusionDistiller(conv_net(), {"mt": conv_net(), "solo": teachers["solo"]}, TASKS, fusion="weights",
-                             weights=[0.0, 1.0])
+                             weights=[0.0, 1.0], teacher_trust=False)
     with pytest.raises(ValueError, match=r"task 'left' is output only by teacher\(s\) \['mt'\], whose fixed"):
         quick_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, random_datamodule())
 

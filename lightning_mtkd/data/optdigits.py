@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import MultiTaskDataModule
-from lightning_mtkd.data.multimnist import compose_splits, disjoint_pools
+from lightning_mtkd.data.multimnist import compose_splits, disjoint_pools, unlabelled_split
 
 #: Digits in scikit-learn's ``load_digits``.
 NUM_DIGITS = 1797
@@ -84,7 +85,13 @@ class MultiOptDigitsDataModule(MultiTaskDataModule):
             frame (MNIST's leave a margin), so the default 4 of 24, an overlap of (20/24)² ≈ 69 % of the frame,
             is needed to make the task harder than MultiMNIST: at shift 8 (32×32) the 19K student of
             ``configs/optdigits/scratch.yaml`` reached about 97.5 % per digit, against 92.6 % on MultiMNIST.
-        batch_size, num_workers, pin_memory, seed, hide_labels: As in :class:`MultiTaskDataModule`.
+        num_unlabelled: Composites without labels joined to the training split (see ``unlabelled`` in
+            :class:`MultiTaskDataModule`). scikit-learn's 1,797 digits all go to the three labelled pools by
+            default, so these are new pairs of the *training* digits (new images, no unseen digit) unless
+            ``unlabelled_digits`` takes a fourth pool (the four pools then share the 1,797 digits).
+        unlabelled_digits: Source digits of the unlabelled composites, disjoint from the other pools (0: the
+            training pool's).
+        batch_size, num_workers, pin_memory, seed, hide_labels, augment: As in :class:`MultiTaskDataModule`.
 
     Example:
         >>> dm = MultiOptDigitsDataModule(num_train=8, num_val=4, num_test=4, batch_size=4)
@@ -104,15 +111,27 @@ class MultiOptDigitsDataModule(MultiTaskDataModule):
         test_digits: int = 500,
         scale: int = 3,
         shift: int = 4,
+        num_unlabelled: int = 0,
+        unlabelled_digits: int = 0,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
         hide_labels: dict[str, float] | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, hide_labels=hide_labels
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            hide_labels=hide_labels,
+            augment=augment,
         )
+        if num_unlabelled < 0 or unlabelled_digits < 0:
+            raise ValueError(
+                f"num_unlabelled and unlabelled_digits must be >= 0, got {num_unlabelled} and {unlabelled_digits}."
+            )
         for name, value in {
             "num_train": num_train,
             "num_val": num_val,
@@ -124,21 +143,25 @@ class MultiOptDigitsDataModule(MultiTaskDataModule):
         }.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
-        if train_digits + val_digits + test_digits > NUM_DIGITS:
+        if train_digits + val_digits + test_digits + unlabelled_digits > NUM_DIGITS:
             raise ValueError(
-                f"train_digits + val_digits + test_digits = {train_digits + val_digits + test_digits}, but "
-                f"scikit-learn ships {NUM_DIGITS:,} digits; lower the pools."
+                f"train_digits + val_digits + test_digits + unlabelled_digits = "
+                f"{train_digits + val_digits + test_digits + unlabelled_digits}, but scikit-learn ships "
+                f"{NUM_DIGITS:,} digits; lower the pools."
             )
         if not 0 <= shift <= 8 * scale:
             raise ValueError(f"shift must lie in [0, {8 * scale}] (the digit size, 8·scale), got {shift}.")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.pools = {"test": test_digits, "val": val_digits, "train": train_digits}
+        self.unlabelled = {"composites": num_unlabelled, "digits": unlabelled_digits}
         self.scale = scale
         self.shift = shift
         self.input_shape = (1, 8 * scale + shift, 8 * scale + shift)
 
     def build_splits(self) -> dict[str, Dataset]:
         images, labels = load_sklearn_digits()
-        pools = disjoint_pools(images, labels, self.pools, self.seed, source="scikit-learn")
+        extra = {"unlabelled": self.unlabelled["digits"]} if self.unlabelled["digits"] else {}
+        pools = disjoint_pools(images, labels, {**self.pools, **extra}, self.seed, source="scikit-learn")
         pools = {split: (upsample_digits(digits, self.scale), target) for split, (digits, target) in pools.items()}
-        return compose_splits(pools, self.sizes, self.shift, self.seed)
+        splits = compose_splits({k: pools[k] for k in ("test", "val", "train")}, self.sizes, self.shift, self.seed)
+        return {**splits, **unlabelled_split(pools, self.unlabelled["composites"], self.shift, self.seed)}

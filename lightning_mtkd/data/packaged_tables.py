@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.tasks import IGNORE_INDEX
 
@@ -86,7 +87,8 @@ class PackagedTableDataModule(MultiTaskDataModule):
         val_fraction, test_fraction: Shares of the rows held out for validation and test.
         standardize_targets: Scale regression targets to zero mean and unit variance on the training rows
             (their losses then weigh like the classification ones).
-        batch_size, num_workers, pin_memory, seed, hide_labels: As in :class:`MultiTaskDataModule`.
+        batch_size, num_workers, pin_memory, seed, hide_labels, augment: As in :class:`MultiTaskDataModule`
+            (for a table: ``noise`` and ``mixup``; ``shift`` needs images).
     """
 
     def __init__(
@@ -99,9 +101,15 @@ class PackagedTableDataModule(MultiTaskDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         hide_labels: dict[str, float] | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, hide_labels=hide_labels
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            hide_labels=hide_labels,
+            augment=augment,
         )
         if min(val_fraction, test_fraction) <= 0 or val_fraction + test_fraction >= 1:
             raise ValueError(
@@ -201,6 +209,7 @@ class PenguinsDataModule(PackagedTableDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         hide_labels: dict[str, float] | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
         super().__init__(
             val_fraction=val_fraction,
@@ -211,6 +220,7 @@ class PenguinsDataModule(PackagedTableDataModule):
             pin_memory=pin_memory,
             seed=seed,
             hide_labels=hide_labels,
+            augment=augment,
         )
 
     def read_table(self) -> Table:

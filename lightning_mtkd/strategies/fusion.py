@@ -54,6 +54,11 @@ class FusionDistiller(DistillationModule):
         tasks: The tasks; each must be output by at least one teacher.
         fusion: ``mean``, ``weights``, ``confidence`` or ``learned``.
         weights: The fixed weights (``fusion: weights``): one number >= 0 per teacher, in dict order.
+        teacher_trust: Before fitting, score every teacher on the validation split and fuse, per task, only the
+            teachers within a tolerance of the best (:class:`~lightning_mtkd.callbacks.TeacherTrust`, added
+            unless the trainer has one): a teacher clearly worse on a task than another no longer pulls its
+            fused target down. Not added with ``fusion="weights"`` (the weights already say whom to trust;
+            add the callback yourself to combine both).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``:
             the learned gates' learning rate, …).
 
@@ -75,9 +80,13 @@ class FusionDistiller(DistillationModule):
         tasks: list[Task],
         fusion: FusionMode = "mean",
         weights: list[float] | None = None,
+        teacher_trust: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, tasks, **kwargs)
+        self.teacher_trust = teacher_trust
+        #: ``{task: teachers fused for it}`` once TeacherTrust has chosen; a task not in it fuses every teacher.
+        self.trusted: dict[str, list[str]] = {}
         if fusion not in ("mean", "weights", "confidence", "learned"):
             raise ValueError(f"unknown fusion {fusion!r}; use 'mean', 'weights', 'confidence' or 'learned'.")
         self.teacher_names = list(teacher) if isinstance(teacher, Mapping) else [TEACHER]
@@ -123,10 +132,25 @@ class FusionDistiller(DistillationModule):
                 gates[name] = FusionGate(width, len(names))
         return gates
 
+    def configure_callbacks(self) -> list[Any]:
+        from lightning_mtkd.strategies.task_specific import _trust_callback
+
+        # Fixed weights are the user's own trust in each teacher: not second-guessed unless asked for.
+        return _trust_callback(self) if self.fusion != "weights" else []
+
+    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
+        """Fuse, per task, only the teachers of ``choice`` (from :class:`~lightning_mtkd.callbacks.TeacherTrust`)."""
+        self.trusted = {task: list(names) for task, names in choice.items()}
+
     # ------------------------------------------------------------------------------ which teachers, what weights
     def covering_teachers(self, teachers: Mapping[str, ModelOutputs], task: str) -> list[str]:
-        """Names of the teachers that output ``task``, in the order of ``teacher``."""
-        return [name for name in self.teacher_names if name in teachers and task in teachers[name].outputs]
+        """Names of the (trusted) teachers that output ``task``, in the order of ``teacher``."""
+        trusted = self.trusted.get(task)
+        return [
+            name
+            for name in self.teacher_names
+            if name in teachers and task in teachers[name].outputs and (trusted is None or name in trusted)
+        ]
 
     def fusion_weights(
         self, task: str, names: list[str], stacked: Tensor, target: Tensor

@@ -46,6 +46,12 @@ class TaskSpecificDistiller(DistillationModule):
             once: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20-epoch students) β = 1 closed 15%
             of the teacher–scratch gap, β = 0 23%, β = 0.1 34%.
         distance: ``l2`` on normalised features, ``cosine``, ``l1``, or ``cka`` (linear CKA, any widths).
+        teacher_trust: Before fitting, score every teacher on the validation split and distil each task from
+            the best teacher that outputs it (:class:`~lightning_mtkd.callbacks.TeacherTrust`, added unless the
+            trainer has one). With it, ``teacher`` may hold candidates that teach no task by default, e.g. the
+            multi-task teacher next to the single-task ones: a task whose own teacher is clearly worse on it
+            (beyond two standard errors on the validation split) learns from the best candidate instead. With
+            one teacher per task, or no clearly worse teacher, it changes nothing.
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
@@ -69,6 +75,7 @@ class TaskSpecificDistiller(DistillationModule):
         teacher_feature: str | dict[str, str] | None = None,
         feature_weight: float = 0.1,
         distance: HintDistance = "l2",
+        teacher_trust: bool = True,
         **kwargs: Any,
     ) -> None:
         if not isinstance(teacher, Mapping):
@@ -79,7 +86,8 @@ class TaskSpecificDistiller(DistillationModule):
         super().__init__(student, teacher, tasks, **kwargs)
         if feature_weight < 0:
             raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
-        self.task_teachers = _assign_teachers(list(self.tasks), list(teacher), task_teachers or {})
+        self.teacher_trust = teacher_trust
+        self.task_teachers = _assign_teachers(list(self.tasks), list(teacher), task_teachers or {}, teacher_trust)
         if isinstance(teacher_feature, Mapping):
             missing = sorted({t for t in self.task_teachers.values() if t not in teacher_feature})
             if feature_weight > 0 and missing:
@@ -91,6 +99,29 @@ class TaskSpecificDistiller(DistillationModule):
         self.teacher_feature = teacher_feature
         self.feature_weight = feature_weight
         self.distance: HintDistance = distance
+
+    def configure_callbacks(self) -> list[Any]:
+        return _trust_callback(self)
+
+    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
+        """Distil each task from its own teacher while ``choice`` keeps it, else from the best teacher of ``choice``
+        (``{task: [teachers, best first]}``, from
+        :class:`~lightning_mtkd.callbacks.TeacherTrust`; ``scores``: every teacher's score per task it outputs);
+        teachers that then teach no task are not run. A task's own teacher that does not output it is still an
+        error (trust chooses among working teachers; it does not repair a wrong mapping)."""
+        for task, teacher in self.task_teachers.items():
+            if teacher not in scores.get(task, {}):
+                raise KeyError(
+                    f"teacher {teacher!r} teaches task {task!r} but does not output it. Give {task!r} a teacher "
+                    f"trained on it (name it {task!r} or map it in `task_teachers`)."
+                )
+        for task, names in choice.items():
+            # Its own teacher unless trust dropped it (clearly worse): switching on a tie was measured to cost
+            # 0.6 points on MultiMNIST (benchmarks/results/quality-screens.md).
+            if task in self.task_teachers and names and self.task_teachers[task] not in names:
+                self.task_teachers[task] = names[0]
+        for name in [n for n in self.teachers.names if n not in self.task_teachers.values()]:
+            del self.teachers.sources[name]
 
     def feature_path(self, teacher: str) -> str | None:
         """The feature path read in ``teacher`` (``None``: the input of its task heads)."""
@@ -126,7 +157,18 @@ class TaskSpecificDistiller(DistillationModule):
         return targets
 
 
-def _assign_teachers(tasks: list[str], teachers: list[str], explicit: Mapping[str, str]) -> dict[str, str]:
+def _trust_callback(module: Any) -> list[Any]:
+    """A default :class:`TeacherTrust` for a module with ``teacher_trust``, unless the trainer has one already."""
+    from lightning_mtkd.callbacks.teacher_trust import TeacherTrust
+
+    if not module.teacher_trust or any(isinstance(c, TeacherTrust) for c in module.trainer.callbacks):
+        return []
+    return [TeacherTrust()]
+
+
+def _assign_teachers(
+    tasks: list[str], teachers: list[str], explicit: Mapping[str, str], candidates: bool = False
+) -> dict[str, str]:
     """``{task: teacher name}``: the explicit mapping, else the teacher named after the task; clear errors."""
     for task, teacher in explicit.items():
         if task not in tasks:
@@ -142,10 +184,10 @@ def _assign_teachers(tasks: list[str], teachers: list[str], explicit: Mapping[st
             f"{{{orphans[0]!r}: '<teacher name>'}}."
         )
     unused = [teacher for teacher in teachers if teacher not in assigned.values()]
-    if unused:
+    if unused and not candidates:
         raise KeyError(
             f"teacher(s) {unused} teach no task: {unused[0]!r} is not a task in `tasks` {tasks} and no task is "
             f"mapped to it. Name each teacher after the task it teaches, map tasks to it with "
-            f"task_teachers={{'<task>': {unused[0]!r}}}, or drop it."
+            f"task_teachers={{'<task>': {unused[0]!r}}}, drop it, or keep it as a candidate with teacher_trust=True."
         )
     return assigned
