@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_cli_run_records_metrics_losses_config_report_and_model(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the YAML's relative paths (checkpoints/, W&B's save_dir) land here
+    monkeypatch.chdir(tmp_path)  # the YAML's relative paths (checkpoints/) land here
     monkeypatch.setenv("WANDB_MODE", "offline")
     teacher = MultiTaskModule(conv_net((8, 16), 32), TASKS)
     trainer = quick_trainer(tmp_path, max_steps=1)
@@ -33,6 +33,9 @@ def test_cli_run_records_metrics_losses_config_report_and_model(tmp_path, monkey
             f"--model.init_args.teacher={tmp_path / 'teacher.ckpt'}",
             "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
             "--trainer.logger.init_args.log_model=true",
+            # absolute: W&B's service process is shared by every run of this pytest process and keeps the
+            # working directory of the first one; a relative save_dir resolves there, not here
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--report.latency_repeats=2", "--report.print_table=false", *SMALL_DATA,
         ]
     )

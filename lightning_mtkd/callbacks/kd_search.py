@@ -36,7 +36,7 @@ def rank_candidates(scores: Sequence[Mapping[str, float]], higher_is_better: Map
 
     Example:
         >>> rank_candidates([{"a": 0.9, "b": 0.5}, {"a": 0.8, "b": 0.7}, {"a": 0.9, "b": 0.6}], {"a": True, "b": True})
-        [1.0, 1.0, 0.75]
+        [1.25, 1.0, 0.75]
     """
     ranks = [0.0] * len(scores)
     for task, higher in higher_is_better.items():

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
@@ -26,6 +24,7 @@ from lightning_mtkd.callbacks.teacher_cache.stores import (
     _MemoryStore,
     _Store,
 )
+from lightning_mtkd.data.examples import rng_preserved
 
 if TYPE_CHECKING:
     from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs
@@ -186,7 +185,7 @@ class TeacherCache(L.Callback):
             return
         dataset, collate = loader.dataset, loader.collate_fn
         num_samples = len(dataset)  # type: ignore[arg-type]
-        with _rng_preserved():  # reading samples here must not shift the training run's random draws
+        with rng_preserved():  # reading samples here must not shift the training run's random draws
             self._check_deterministic(dataset, collate, split)
             probe = _fetch(dataset, sorted({0, num_samples - 1}), collate)
             with trainer.precision_plugin.forward_context():
@@ -265,7 +264,7 @@ class TeacherCache(L.Callback):
         precompute_loader = DataLoader(
             loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn, num_workers=loader.num_workers
         )
-        with _rng_preserved(), trainer.precision_plugin.forward_context():  # the loader draws a seed
+        with rng_preserved(), trainer.precision_plugin.forward_context():  # the loader draws a seed
             for batch in precompute_loader:
                 batch = move_data_to_device(batch, module.device)
                 store.write(batch["index"], module.run_teachers(batch))
@@ -276,18 +275,6 @@ class TeacherCache(L.Callback):
         store = self.stores.get(split)
         if store is not None and not store.complete:
             store.try_complete(trainer.strategy)
-
-
-@contextlib.contextmanager
-def _rng_preserved() -> Iterator[None]:
-    """Restore the global torch, NumPy and Python random states on exit."""
-    states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(states[0])
-        np.random.set_state(states[1])
-        random.setstate(states[2])
 
 
 def _tree_equal(a: Any, b: Any) -> bool:
