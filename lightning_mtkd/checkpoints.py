@@ -176,7 +176,8 @@ def check_checkpoint_class(module: nn.Module, checkpoint: dict[str, Any]) -> Non
 
 
 def _is_subclass_of(cls: type, path: str) -> bool:
-    from lightning_mtkd.strategies.base import DistillationModule, MultiTaskModule
+    from lightning_mtkd.strategies.base import MultiTaskModule
+    from lightning_mtkd.strategies.distillation import DistillationModule
 
     recorded = _import_class(path)
     if recorded in (MultiTaskModule, DistillationModule):

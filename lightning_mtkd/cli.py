@@ -30,7 +30,8 @@ from lightning_mtkd.callbacks.report import DistillationReport, run_directory
 from lightning_mtkd.callbacks.teacher_cache import TeacherCache
 from lightning_mtkd.callbacks.teacher_cache.stores import Split
 from lightning_mtkd.data.base import MultiTaskDataModule
-from lightning_mtkd.strategies.base import DistillationModule, MultiTaskModule
+from lightning_mtkd.strategies.base import MultiTaskModule
+from lightning_mtkd.strategies.distillation import DistillationModule
 
 
 class SaveConfigToRun(SaveConfigCallback):

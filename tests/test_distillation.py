@@ -175,3 +175,14 @@ def test_checkpoints_written_before_the_base_redesign_still_load():
         got = module.model.eval()(expected["x"])
         for task in ("a", "b"):
             torch.testing.assert_close(got[task], expected[name][task])
+
+
+def test_distillation_module_is_still_importable_from_its_old_module():
+    """`DistillationModule` moved from strategies/base.py to strategies/distillation.py; user code (and anything
+    that records a class path) naming the old place gets the same class, and other names still fail there."""
+    import lightning_mtkd.strategies.base as base
+    from lightning_mtkd.strategies.distillation import DistillationModule
+
+    assert base.DistillationModule is DistillationModule
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchModule'"):
+        base.NoSuchModule  # noqa: B018

@@ -105,7 +105,7 @@ class KDSearch(L.Callback):
 
     # ------------------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_mtkd.strategies.base import DistillationModule
+        from lightning_mtkd.strategies.distillation import DistillationModule
 
         if not isinstance(pl_module, DistillationModule):
             raise TypeError(

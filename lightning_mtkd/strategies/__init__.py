@@ -3,7 +3,8 @@
 from lightning_mtkd.checkpoints import load_module, load_teacher
 from lightning_mtkd.strategies.adaptive import AdaptiveDistiller
 from lightning_mtkd.strategies.attention import AttentionDistiller, AttentionPair
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, ModelOutputs, MultiTaskModule, Step
+from lightning_mtkd.strategies.base import FeaturePair, ModelOutputs, MultiTaskModule, Step
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.strategies.fusion import FusionDistiller
 from lightning_mtkd.strategies.online import MutualDistiller, SelfDistiller
 from lightning_mtkd.strategies.shared import SharedDistiller

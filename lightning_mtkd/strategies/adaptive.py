@@ -9,7 +9,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_mtkd.strategies.base import DistillationModule, Step
+from lightning_mtkd.strategies.base import Step
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 
 

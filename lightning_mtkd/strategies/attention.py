@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from lightning_mtkd.inputs import padding_mask
 from lightning_mtkd.losses.functional import AttentionLoss, attention_probability_loss, attention_transfer_loss
 from lightning_mtkd.models.hooks import attention_kind, resolve_module
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, Step
+from lightning_mtkd.strategies.base import FeaturePair, Step
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 from lightning_mtkd.teachers import TEACHER
 

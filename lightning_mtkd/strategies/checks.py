@@ -16,7 +16,7 @@ from lightning_mtkd.tasks import Task
 from lightning_mtkd.teachers import TEACHER
 
 if TYPE_CHECKING:
-    from lightning_mtkd.strategies.base import DistillationModule
+    from lightning_mtkd.strategies.distillation import DistillationModule
     from lightning_mtkd.strategies.step import Step
 
 

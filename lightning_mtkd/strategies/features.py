@@ -24,7 +24,7 @@ from lightning_mtkd.models.hooks import FeatureTap, feature_tensor, find_shared_
 from lightning_mtkd.strategies.step import DIRECT_DISTANCES, FeaturePair, Step
 
 if TYPE_CHECKING:
-    from lightning_mtkd.strategies.base import DistillationModule
+    from lightning_mtkd.strategies.distillation import DistillationModule
 
 
 def prepare_features(module: DistillationModule, stage: str) -> list[FeaturePair]:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from lightning_mtkd.losses.functional import confidence_weights, masked_mean
 from lightning_mtkd.models.deferred import FusionGate
-from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs, Step
+from lightning_mtkd.strategies.base import ModelOutputs, Step
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 from lightning_mtkd.teachers import TEACHER
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from lightning_mtkd.checkpoints import as_module
 from lightning_mtkd.inputs import call_model
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance, ModelOutputs, Step
+from lightning_mtkd.strategies.base import FeaturePair, HintDistance, ModelOutputs, Step
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 
 

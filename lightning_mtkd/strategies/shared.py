@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance
+from lightning_mtkd.strategies.base import FeaturePair, HintDistance
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_mtkd.teachers import TEACHER
 
 if TYPE_CHECKING:
-    from lightning_mtkd.strategies.base import DistillationModule
+    from lightning_mtkd.strategies.distillation import DistillationModule
 
 
 @dataclass

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance, Step
+from lightning_mtkd.strategies.base import FeaturePair, HintDistance, Step
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from lightning_mtkd.checkpoints import CLASS_KEY
 from lightning_mtkd.config import class_path, to_config
 from lightning_mtkd.models.students import TaskStudents
-from lightning_mtkd.strategies.base import DistillationModule, FeaturePair, HintDistance, MultiTaskModule
+from lightning_mtkd.strategies.base import FeaturePair, HintDistance, MultiTaskModule
+from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task, as_tasks
 
 

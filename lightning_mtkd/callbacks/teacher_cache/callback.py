@@ -27,7 +27,8 @@ from lightning_mtkd.callbacks.teacher_cache.stores import (
 from lightning_mtkd.data.examples import rng_preserved
 
 if TYPE_CHECKING:
-    from lightning_mtkd.strategies.base import DistillationModule, ModelOutputs
+    from lightning_mtkd.strategies.base import ModelOutputs
+    from lightning_mtkd.strategies.distillation import DistillationModule
 
 _SPLIT_OF_STAGE: dict[RunningStage, Split] = {
     RunningStage.TRAINING: "train",
@@ -136,7 +137,7 @@ class TeacherCache(L.Callback):
 
     # ------------------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning_mtkd.strategies.base import DistillationModule
+        from lightning_mtkd.strategies.distillation import DistillationModule
 
         if not isinstance(pl_module, DistillationModule):
             raise TypeError(
