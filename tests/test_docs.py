@@ -209,9 +209,9 @@ def test_site_builds_strict(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     front = (site / "index.html").read_text(encoding="utf-8")
     assert "Six strategies" in front and 'href="getting-started/"' in front  # README, its links made site-relative
-    assert (site / "benchmarks" / "results" / "quality.png").is_file()
+    assert (site / "benchmarks" / "results" / "quality-multimnist.png").is_file()
     benchmarks = (site / "benchmarks" / "index.html").read_text(encoding="utf-8")
-    assert "scratch-per-task" in benchmarks  # benchmarks/results/quality.md, included
+    assert "scratch-per-task" in benchmarks  # benchmarks/results/quality-multimnist.md, included
     api = (site / "api" / "strategies" / "index.html").read_text(encoding="utf-8")
     assert 'id="lightning_mtkd.SharedDistiller"' in api and 'class="arithmatex"' in api
     # reST simple tables and footnotes in module docstrings come out as Markdown tables (docs/_hooks/griffe_rst.py)

@@ -278,3 +278,12 @@ def test_new_option_configs_fit_one_step(name, tmp_path):
         extra = [f"--model.init_args.teacher={tmp_path / 'teacher.ckpt'}"]
     main(["fit", "--config", str(config), "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
           "--trainer.logger=false", *SMALL_DATA, *extra])
+
+
+@pytest.mark.parametrize("option", [{"teacher_precision": "bf16"}, {"teacher_device": "cpu"}])
+def test_the_ema_teacher_refuses_a_lower_precision_or_another_device_clearly(option):
+    """The moving average is training state updated by small steps: kept in float32 beside the student, so the
+    frozen-teacher options are refused by name instead of failing at the first optimizer step."""
+    (name,) = option
+    with pytest.raises(ValueError, match=f"SelfDistiller keeps its moving-average teacher in float32.*{name}="):
+        SelfDistiller(conv_net(), TASKS, **option)

@@ -5,7 +5,7 @@
   same file reads right on GitHub (from the repository root) and on the site (from the docs root).
 - The figures that README and the benchmark pages show (``benchmarks/results/*.png``) live beside the
   results they plot, outside ``docs/``; they are added to the site at the same relative path, so
-  ``benchmarks/results/quality.png`` resolves from README on GitHub and from the site's front page.
+  ``benchmarks/results/quality-multimnist.png`` resolves from README on GitHub and from the site's front page.
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@ A teacher trained on one task is not always better at it than a multi-task teach
 set, one single-task teacher was 3.9 points worse than the multi-task teacher on its own task, and a
 task-specific student that followed it lost 3.1 points on that task. Before fitting, :class:`TeacherTrust`
 scores every teacher on every task it outputs, on the validation split (each task's primary metric:
-accuracy, MAE, …), and keeps, per task, the teachers within ``tolerance`` of the best; the strategy then
-distils that task from those only. The choice is made once (the teachers are frozen, so it cannot change),
+accuracy, MAE, …), and keeps, per task, the teachers not clearly worse than the best: a teacher is dropped
+only when it falls short by more than ``z`` standard errors of the paired per-sample difference (plus an
+optional relative ``tolerance``; :func:`trusted_teachers`). The strategy then distils that task from the
+teachers kept. The choice is made once (the teachers are frozen, so it cannot change),
 printed, logged to the trainer's loggers (:meth:`TeacherTrust.log_choice`) and saved in the checkpoint.
 
 Strategies take the choice through one method, ``trust_teachers(choice, scores)`` (``{task: [teachers, best
 first]}`` and ``{task: {teacher: score}}``):
-:class:`~lightning_mtkd.TaskSpecificDistiller` distils each task from its best teacher,
+:class:`~lightning_mtkd.TaskSpecificDistiller` keeps a task's own teacher unless it is dropped (then the best),
 :class:`~lightning_mtkd.FusionDistiller` fuses the trusted teachers only. Strategies with one teacher per
 task and nothing to choose from are left as they are.
 """

@@ -71,6 +71,17 @@ class SelfDistiller(DistillationModule):
         student = as_module(student, "student")
         ema = copy.deepcopy(student)
         super().__init__(student, ema, tasks, **kwargs)
+        for option, value, default in (
+            ("teacher_precision", self.teachers.precision, "32"),
+            ("teacher_device", self.teachers.device, None),
+        ):
+            if value != default:
+                # The average is training state moved by small steps ((1 - m) · difference): in bf16 they vanish,
+                # and on another device every step would copy the student's weights across.
+                raise ValueError(
+                    f"SelfDistiller keeps its moving-average teacher in float32 beside the student: {option}="
+                    f"{str(value)!r} is not supported; leave it out (it applies to frozen teachers)."
+                )
         # A submodule, unlike a frozen teacher: its weights are training state, saved and resumed with the run.
         self.ema = ema
         self.ema_decay = float(ema_decay)
@@ -109,8 +120,8 @@ class MutualDistiller(DistillationModule):
 
     over the networks :math:`P_t` that predict :math:`t` (a single-task peer named after its task
     joins only that task), with any ``kd_loss``. The student's loss goes through the shared step (its
-    metrics are the module's, ``val/<task>/acc``; the first peer covering a task is logged as its
-    teacher, ``val/<task>/teacher_acc``); each peer's loss is added as it is and logged as
+    metrics are the module's, ``val/<task>/acc``; the peer named after a task, else the first that
+    predicts it, is logged as its teacher, ``val/<task>/teacher_acc``); each peer's loss is added as it is and logged as
     ``<stage>/peer_<name>``. Peers are trainable modules of the strategy (``module.extras``, the
     adaptors' parameter group), never frozen, saved in the checkpoint, and each exports alone
     (``lightning-mtkd export --student extras.<name>``).

@@ -40,7 +40,9 @@ class SharedDistiller(DistillationModule):
         student_feature: Dotted path of the student's shared representation (``None``: found).
         teacher_feature: Dotted path of the teacher's shared representation (``None``: found).
         hint_weight: ``β``, the hint term's weight (0 turns the hint off).
-        distance: ``l2`` on normalised features, ``cosine``, ``l1``, or ``cka`` (linear CKA, any widths).
+        distance: ``l2`` on normalised features, ``cosine``, ``l1``, ``cka`` (linear CKA, any widths), ``rkd``
+            (relations between samples, any widths) or ``crd`` (contrastive, with a memory bank; see
+            :data:`~lightning_mtkd.strategies.step.HintDistance`).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``optimizer``, …).
 
     Example (YAML)::
