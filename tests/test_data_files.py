@@ -359,3 +359,36 @@ def test_celeba_shared_config_fits_one_step(tmp_path):
     cli = cli_fit("celeba/shared.yaml", tmp_path, f"--model.init_args.teacher={tmp_path / 'teacher.ckpt'}",
                   f"--data.init_args.root={tmp_path / 'celeba'}", *CELEBA_SMALL)
     assert "train/hint" in cli.trainer.callback_metrics
+
+
+def test_csv_unlabelled_rows_hidden_labels_and_augment_reach_distillation(tmp_path):
+    """Rows with every target empty stay in the training split with all labels missing (only distillation
+    reaches them); hide_labels and a BatchAugment are taken as by every MultiTaskDataModule."""
+    from lightning_mtkd import SharedDistiller
+    from lightning_mtkd.data import BatchAugment
+
+    rng = np.random.default_rng(1)
+    rows = ["a,b,label,score"] + [
+        f"{a:.3f},{b:.3f},{'' if i >= 40 else int(a > 0)},{'' if i >= 40 else f'{a - b:.3f}'}"
+        for i, (a, b) in enumerate(rng.normal(size=(60, 2)))
+    ]
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(rows) + "\n")
+    test = tmp_path / "test.csv"
+    test.write_text("\n".join(rows[:21]) + "\n")
+    dm = CSVMultiTaskDataModule(str(path), targets={"label": "classification", "score": "regression"},
+                                val=str(test), test=str(test), hide_labels={"score": 0.5},
+                                augment=BatchAugment(noise=0.1), batch_size=16)
+    dm.setup()
+    train = dm.splits["train"].targets
+    unlabelled = (train["label"] == -100) & torch.isnan(train["score"][:, 0])
+    assert int(unlabelled.sum()) == 20  # the 20 empty rows; rows whose score is hidden keep their class label
+    assert int((train["label"] != -100).sum()) == 40
+    # a seeded half of the 60 training rows lose their score (some of them were empty already)
+    assert 30 <= int(torch.isnan(train["score"][:, 0]).sum()) < 50
+    tasks = [Task("label", num_classes=2), Task("score", kind="regression", num_classes=1)]
+    net = lambda: MultiTaskNet(MLPBackbone(in_features=2, hidden=(8,)), heads={"label": 2, "score": 1})  # noqa: E731
+    module = SharedDistiller(net(), net(), tasks, alpha=0.5)
+    trainer = quick_trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, dm)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.tasks import IGNORE_INDEX
 
@@ -91,7 +92,11 @@ class CSVMultiTaskDataModule(MultiTaskDataModule):
         drop: Columns to ignore (ids, free text) when ``features`` is ``None``.
         standardize: Scale features to zero mean and unit variance on the training split.
         delimiter: The CSV's field separator.
-        batch_size, num_workers, pin_memory, seed: As in :class:`MultiTaskDataModule`.
+        batch_size, num_workers, pin_memory, seed, hide_labels, augment: As in :class:`MultiTaskDataModule`
+            (``augment``: e.g. ``BatchAugment(noise=0.1)`` on the standardised features).
+
+    An empty cell is a missing label, masked out of that task's loss and metrics; a row whose every target
+    is empty is an unlabelled row, which only the distillation terms reach: the teachers label it.
 
     YAML::
 
@@ -119,8 +124,17 @@ class CSVMultiTaskDataModule(MultiTaskDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
+        hide_labels: dict[str, float] | None = None,
+        augment: BatchAugment | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            hide_labels=hide_labels,
+            augment=augment,
+        )
         if not targets:
             raise ValueError("targets is empty; name at least one target column, e.g. {label: classification}.")
         for column, kind in targets.items():
