@@ -153,6 +153,14 @@ ROWS: dict[str, Row] = {
     # Online: no trained teacher. Mutual learning with the per-task students as peers; an EMA of the student.
     "mutual": lambda t, c: MutualDistiller(_student(c), _per_task_students(c), _tasks(c), **_distill(c)),
     "self-ema": lambda t, c: SelfDistiller(_student(c), _tasks(c), **_distill(c)),
+    # The same two with the online papers' weighting instead of the offline recipe's α = 0.9, T = 4: deep mutual
+    # learning adds KL(peer || student) at T = 1 with the weight of the labels' loss, i.e. α = 0.5.
+    "mutual-a05-t1": lambda t, c: MutualDistiller(
+        _student(c), _per_task_students(c), _tasks(c), **{**_distill(c), "alpha": 0.5, "temperature": 1.0}
+    ),
+    "self-ema-a05-t1": lambda t, c: SelfDistiller(
+        _student(c), _tasks(c), **{**_distill(c), "alpha": 0.5, "temperature": 1.0}
+    ),
 }
 
 #: The levers a row may add to a strategy with ``+`` (see the module docstring).
@@ -185,7 +193,18 @@ def row_choices() -> list[str]:
 
 
 #: Rows that change one setting of `shared` (plain soft targets, its default hint): also compared with it.
-VERSUS_SHARED = ("shared-dkd", "shared-dist", "shared-ls", "hint-cka", "hint-rkd", "hint-crd", "mutual", "self-ema")
+VERSUS_SHARED = (
+    "shared-dkd",
+    "shared-dist",
+    "shared-ls",
+    "hint-cka",
+    "hint-rkd",
+    "hint-crd",
+    "mutual",
+    "self-ema",
+    "mutual-a05-t1",
+    "self-ema-a05-t1",
+)
 #: The rows `make quality` runs by default (the six strategies); the others are asked for with --rows.
 DEFAULT_ROWS = ["scratch", "scratch-per-task", "shared", "task-specific", "transfer", "adaptive", "attention", "fusion"]
 
