@@ -216,6 +216,23 @@ def test_fusion_fuses_only_the_trusted_teachers_and_a_trainer_callback_wins(tmp_
     assert off.trusted == {}
 
 
+def test_any_strategy_takes_the_trust_choice_through_the_base_hook(tmp_path):
+    """Teacher trust is the base's mechanism (DistillationModule.trust_teachers, configure_callbacks): a strategy
+    that does not override either, given several teachers and the callback, distils each task from the teacher
+    named after it while trust keeps it, else from the best one kept."""
+    from lightning_mtkd import AdaptiveDistiller
+
+    teachers = {"left": Oracle(("left",), wrong=("left",)), "right": Oracle(("right",)), "multitask": Oracle()}
+    module = AdaptiveDistiller(Recorder(), teachers, TASKS)
+    assert not module.teacher_trust  # off by default where the strategy does not choose among teachers
+    trainer = quick_trainer(tmp_path, max_steps=1, limit_val_batches=2, callbacks=[TeacherTrust()])
+    trainer.fit(module, oracle_datamodule())
+    assert module.trusted["left"] == ["multitask"] and "right" in module.trusted["right"]
+    step = module.forward_step(oracle_data(4, 3).gather([0, 1, 2, 3]))
+    torch.testing.assert_close(step.targets["left"], step.teachers["multitask"].outputs["left"])
+    torch.testing.assert_close(step.targets["right"], step.teachers["right"].outputs["right"])
+
+
 # ------------------------------------------------------------------------------ KD search
 def test_rank_candidates_averages_ranks_over_tasks_and_directions():
     scores = [{"acc": 0.9, "mae": 2.0}, {"acc": 0.8, "mae": 1.0}, {"acc": 0.9, "mae": 3.0}]

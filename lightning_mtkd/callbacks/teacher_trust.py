@@ -10,11 +10,12 @@ optional relative ``tolerance``; :func:`trusted_teachers`). The strategy then di
 teachers kept. The choice is made once (the teachers are frozen, so it cannot change),
 printed, logged to the trainer's loggers (:meth:`TeacherTrust.log_choice`) and saved in the checkpoint.
 
-Strategies take the choice through one method, ``trust_teachers(choice, scores)`` (``{task: [teachers, best
-first]}`` and ``{task: {teacher: score}}``):
-:class:`~lightning_mtkd.TaskSpecificDistiller` keeps a task's own teacher unless it is dropped (then the best),
-:class:`~lightning_mtkd.FusionDistiller` fuses the trusted teachers only. Strategies with one teacher per
-task and nothing to choose from are left as they are.
+Strategies take the choice through one hook,
+:meth:`~lightning_mtkd.strategies.distillation.DistillationModule.trust_teachers` (``{task: [teachers, best first]}``
+and ``{task: {teacher: score}}``). By default it keeps the choice, and each task then learns from its assigned
+teacher unless that one was dropped (:class:`~lightning_mtkd.TaskSpecificDistiller`), or from the teachers kept
+(:class:`~lightning_mtkd.FusionDistiller` fuses those only; other strategies take the one named after the task,
+else the best kept).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ hook                         what it decides (default)
 ``teacher_targets(step)``    the teacher output each task distils (the task's own teacher's)
 ``distillation_loss(step)``  the named distillation terms (soft targets per task, plus feature hints)
 ``configure_extra_modules``  trainable modules sized from a dry run, e.g. fusion gates (none)
+``trust_teachers``           what teacher trust's choice changes (kept; read by ``teacher_for_task``)
 ===========================  ======================================================================
 
 The step they plug into is :meth:`~lightning_mtkd.strategies.base.MultiTaskModule.shared_step`.
@@ -84,6 +85,9 @@ class DistillationModule(MultiTaskModule):
     #: False where the teachers' outputs change while training (online teachers, an EMA teacher): the teacher-output
     #: cache must not keep them.
     fixed_teachers: bool = True
+    #: Strategies that choose among several teachers set this from their ``teacher_trust`` argument: a
+    #: :class:`~lightning_mtkd.callbacks.TeacherTrust` callback is then added (:meth:`configure_callbacks`).
+    teacher_trust: bool = False
 
     def __init__(
         self,
@@ -125,6 +129,11 @@ class DistillationModule(MultiTaskModule):
         #: Other modules a strategy trains (``configure_extra_modules``), sized by the same dry run.
         self.extras = DeferredModules()
         self._pairs: list[FeaturePair] = []
+        #: ``{task: teacher name}``: tasks that learn from one assigned teacher (``TaskSpecificDistiller``'s
+        #: mapping); a task left out takes the teacher named after it, else the first that outputs it.
+        self.task_teachers: dict[str, str] = {}
+        #: ``{task: teachers kept, best first}`` once :class:`~lightning_mtkd.callbacks.TeacherTrust` has chosen.
+        self.trusted: dict[str, list[str]] = {}
         for stage in ("val", "test"):
             setattr(self, f"{stage}_teacher_metrics", self._make_metrics(stage, who="teacher_"))
 
@@ -155,12 +164,52 @@ class DistillationModule(MultiTaskModule):
         """
         return {}
 
+    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
+        """Take :class:`~lightning_mtkd.callbacks.TeacherTrust`'s choice: ``{task: teachers kept, best first}``
+        (``scores``: every teacher's validation score per task it outputs).
+
+        Kept in :attr:`trusted`. A task with an assigned teacher (:attr:`task_teachers`) keeps it unless trust
+        dropped it (switching on a tie cost 0.6 points on MultiMNIST, ``benchmarks/results/quality-screens.md``),
+        and then learns from the best teacher kept; teachers no task is assigned to any more are not run. An
+        assigned teacher that does not output its task is an error: trust chooses among working teachers, it
+        does not repair a wrong mapping.
+        """
+        self.trusted = {task: list(names) for task, names in choice.items()}
+        if not self.task_teachers:
+            return
+        for task, teacher in self.task_teachers.items():
+            if teacher not in scores.get(task, {}):
+                raise KeyError(_not_output(teacher, task))
+        for task, names in self.trusted.items():
+            if task in self.task_teachers and names and self.task_teachers[task] not in names:
+                self.task_teachers[task] = names[0]
+        for name in [n for n in self.teachers.names if n not in self.task_teachers.values()]:
+            del self.teachers.sources[name]
+
+    def configure_callbacks(self) -> list[Any]:
+        """A :class:`~lightning_mtkd.callbacks.TeacherTrust` where :attr:`teacher_trust` is on and the trainer has
+        none of its own."""
+        from lightning_mtkd.callbacks.teacher_trust import TeacherTrust
+
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by the Trainer's connector
+        if not self.teacher_trust or any(isinstance(c, TeacherTrust) for c in callbacks):
+            return []
+        return [TeacherTrust()]
+
     # ------------------------------------------------------------------------------ building blocks for hooks
     def teacher_for_task(self, teachers: Mapping[str, ModelOutputs], task: str) -> ModelOutputs | None:
-        """The outputs of the teacher that covers ``task``: the one named after it, else the first that outputs it."""
-        if task in teachers and task in teachers[task].outputs:
-            return teachers[task]
-        return next((out for out in teachers.values() if task in out.outputs), None)
+        """The outputs of the teacher that covers ``task``: its assigned one (:attr:`task_teachers`), else the one
+        named after it, else the first that outputs it — among the trusted ones, once trust has chosen."""
+        assigned = self.task_teachers.get(task)
+        if assigned is not None:
+            if task not in teachers[assigned].outputs:
+                raise KeyError(_not_output(assigned, task, list(teachers[assigned].outputs)))
+            return teachers[assigned]
+        order = self.trusted.get(task, list(teachers))  # once trust has chosen: the teachers kept, best first
+        candidates = {n: teachers[n] for n in order if n in teachers and task in teachers[n].outputs}
+        if task in candidates:
+            return candidates[task]
+        return next(iter(candidates.values()), None)
 
     def soft_target_terms(
         self,
@@ -288,3 +337,11 @@ class DistillationModule(MultiTaskModule):
             return
         metrics: TaskMetrics = getattr(self, f"{step.stage}_teacher_metrics")
         metrics.update(step.targets, step.labels, module=self)
+
+
+def _not_output(teacher: str, task: str, outputs: list[str] | None = None) -> str:
+    given = f"outputs only {outputs}" if outputs is not None else "does not output it"
+    return (
+        f"teacher {teacher!r} teaches task {task!r} but {given}. Give {task!r} a teacher trained on it (name it "
+        f"{task!r} or map it in `task_teachers`)."
+    )

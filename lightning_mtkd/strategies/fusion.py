@@ -85,9 +85,8 @@ class FusionDistiller(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, tasks, **kwargs)
-        self.teacher_trust = teacher_trust
-        #: ``{task: teachers fused for it}`` once TeacherTrust has chosen; a task not in it fuses every teacher.
-        self.trusted: dict[str, list[str]] = {}
+        # Fixed weights are the user's own trust in each teacher: not second-guessed unless the callback is added.
+        self.teacher_trust = teacher_trust and fusion != "weights"
         if fusion not in ("mean", "weights", "confidence", "learned"):
             raise ValueError(f"unknown fusion {fusion!r}; use 'mean', 'weights', 'confidence' or 'learned'.")
         self.teacher_names = list(teacher) if isinstance(teacher, Mapping) else [TEACHER]
@@ -132,16 +131,6 @@ class FusionDistiller(DistillationModule):
                 width = sum(dry_run.teachers[t].outputs[name][0].numel() for t in names)
                 gates[name] = FusionGate(width, len(names))
         return gates
-
-    def configure_callbacks(self) -> list[Any]:
-        from lightning_mtkd.strategies.task_specific import _trust_callback
-
-        # Fixed weights are the user's own trust in each teacher: not second-guessed unless asked for.
-        return _trust_callback(self) if self.fusion != "weights" else []
-
-    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
-        """Fuse, per task, only the teachers of ``choice`` (from :class:`~lightning_mtkd.callbacks.TeacherTrust`)."""
-        self.trusted = {task: list(names) for task, names in choice.items()}
 
     # ------------------------------------------------------------------------------ which teachers, what weights
     def covering_teachers(self, teachers: Mapping[str, ModelOutputs], task: str) -> list[str]:

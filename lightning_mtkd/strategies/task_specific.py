@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_mtkd.strategies.base import FeaturePair, HintDistance, Step
+from lightning_mtkd.strategies.base import FeaturePair, HintDistance
 from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.tasks import Task
 
@@ -103,29 +103,6 @@ class TaskSpecificDistiller(DistillationModule):
         self.feature_weight = feature_weight
         self.distance: HintDistance = distance
 
-    def configure_callbacks(self) -> list[Any]:
-        return _trust_callback(self)
-
-    def trust_teachers(self, choice: Mapping[str, list[str]], scores: Mapping[str, Mapping[str, float]]) -> None:
-        """Distil each task from its own teacher while ``choice`` keeps it, else from the best teacher of ``choice``
-        (``{task: [teachers, best first]}``, from
-        :class:`~lightning_mtkd.callbacks.TeacherTrust`; ``scores``: every teacher's score per task it outputs);
-        teachers that then teach no task are not run. A task's own teacher that does not output it is still an
-        error (trust chooses among working teachers; it does not repair a wrong mapping)."""
-        for task, teacher in self.task_teachers.items():
-            if teacher not in scores.get(task, {}):
-                raise KeyError(
-                    f"teacher {teacher!r} teaches task {task!r} but does not output it. Give {task!r} a teacher "
-                    f"trained on it (name it {task!r} or map it in `task_teachers`)."
-                )
-        for task, names in choice.items():
-            # Its own teacher unless trust dropped it (clearly worse): switching on a tie was measured to cost
-            # 0.6 points on MultiMNIST (benchmarks/results/quality-screens.md).
-            if task in self.task_teachers and names and self.task_teachers[task] not in names:
-                self.task_teachers[task] = names[0]
-        for name in [n for n in self.teachers.names if n not in self.task_teachers.values()]:
-            del self.teachers.sources[name]
-
     def feature_path(self, teacher: str) -> str | None:
         """The feature path read in ``teacher`` (``None``: the input of its task heads)."""
         return self.teacher_feature.get(teacher) if isinstance(self.teacher_feature, Mapping) else self.teacher_feature
@@ -145,28 +122,6 @@ class TaskSpecificDistiller(DistillationModule):
             )
             for task, teacher in self.task_teachers.items()
         ]
-
-    def teacher_targets(self, step: Step) -> dict[str, Tensor]:
-        """Each task's own teacher (its distillation target, and the one whose metrics are logged beside it)."""
-        targets = {}
-        for task, teacher in self.task_teachers.items():
-            outputs = step.teachers[teacher].outputs
-            if task not in outputs:
-                raise KeyError(
-                    f"teacher {teacher!r} teaches task {task!r} but outputs only {list(outputs)}. Give {task!r} a "
-                    f"teacher trained on it (name it {task!r} or map it in `task_teachers`)."
-                )
-            targets[task] = outputs[task]
-        return targets
-
-
-def _trust_callback(module: Any) -> list[Any]:
-    """A default :class:`TeacherTrust` for a module with ``teacher_trust``, unless the trainer has one already."""
-    from lightning_mtkd.callbacks.teacher_trust import TeacherTrust
-
-    if not module.teacher_trust or any(isinstance(c, TeacherTrust) for c in module.trainer.callbacks):
-        return []
-    return [TeacherTrust()]
 
 
 def _assign_teachers(
