@@ -40,9 +40,8 @@ class SharedDistiller(DistillationModule):
         student_feature: Dotted path of the student's shared representation (``None``: found).
         teacher_feature: Dotted path of the teacher's shared representation (``None``: found).
         hint_weight: ``β``, the hint term's weight (0 turns the hint off).
-        distance: ``l2`` on normalised features, ``cosine``, ``l1``, ``cka`` (linear CKA, any widths), ``rkd``
-            (relations between samples, any widths) or ``crd`` (contrastive, with a memory bank; see
-            :data:`~lightning_mtkd.strategies.step.HintDistance`).
+        distance: How features are compared (:data:`~lightning_mtkd.strategies.step.HintDistance`): ``l2``,
+            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd``.
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``optimizer``, …).
 
     Example (YAML)::

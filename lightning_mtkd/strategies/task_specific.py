@@ -46,9 +46,8 @@ class TaskSpecificDistiller(DistillationModule):
             0.1 is light because the one shared student feature is pulled towards several teachers at
             once: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20-epoch students) β = 1 closed 15%
             of the teacher–scratch gap, β = 0 23%, β = 0.1 34%.
-        distance: ``l2`` on normalised features, ``cosine``, ``l1``, ``cka`` (linear CKA, any widths), ``rkd``
-            (relations between samples, any widths) or ``crd`` (contrastive, with a memory bank; see
-            :data:`~lightning_mtkd.strategies.step.HintDistance`).
+        distance: How features are compared (:data:`~lightning_mtkd.strategies.step.HintDistance`): ``l2``,
+            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd``.
         teacher_trust: Before fitting, score every teacher on the validation split and distil each task from
             the best teacher that outputs it (:class:`~lightning_mtkd.callbacks.TeacherTrust`, added unless the
             trainer has one). With it, ``teacher`` may hold candidates that teach no task by default, e.g. the

@@ -53,9 +53,8 @@ class TransferDistiller(DistillationModule):
             is light because a small per-task student cannot afford to spend much of itself on imitating
             the teacher's whole shared feature: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20 epochs,
             10.5K students) β = 1 closed 19% of the teacher–scratch gap, β = 0.1 29%, β = 0 30%.
-        distance: ``l2`` on normalised features, ``cosine``, ``l1``, ``cka`` (linear CKA, any widths), ``rkd``
-            (relations between samples, any widths) or ``crd`` (contrastive, with a memory bank; see
-            :data:`~lightning_mtkd.strategies.step.HintDistance`).
+        distance: How features are compared (:data:`~lightning_mtkd.strategies.step.HintDistance`): ``l2``,
+            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd``.
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
