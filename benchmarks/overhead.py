@@ -316,19 +316,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     bookkeeping = BookkeepingTimer(module) if variant in ("mtm", "ours") else None
     if bookkeeping is not None:
         callbacks.append(bookkeeping)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=args.epochs,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    trainer.fit(module, tiny_datamodule(args, count))
+    C.trainer(args, callbacks).fit(module, tiny_datamodule(args, count))
     result: dict[str, Any] = {"epoch_s": C.timed_epochs(timer.times), "epochs": timer.times}
     if bookkeeping is not None:
         epochs = args.epochs - 1

@@ -63,23 +63,19 @@ def fit_with_cache(tmp_path, teacher_path, cache_dir, storage, *extra):
     return cache, counter, cli.trainer
 
 
+def cache_command(teacher_path, cache_dir, *options: str):
+    """`lightning-mtkd cache` on the test config and data, into ``cache_dir``."""
+    arguments = ["--config", str(CONFIG), f"--model.init_args.teacher={teacher_path}", *DATA]
+    return main(["cache", *arguments, "--cache_dir", str(cache_dir), *options])
+
+
 @pytest.mark.parametrize("storage", ["disk", "memory"])
 def test_files_written_by_the_command_are_reused_without_a_teacher_forward_over_the_data(
     tmp_path, monkeypatch, teacher_path, storage
 ):
     monkeypatch.chdir(tmp_path)  # the config's ModelCheckpoint writes under ./checkpoints
     cache_dir = tmp_path / "cache"
-    filled = main(
-        [
-            "cache",
-            "--config",
-            str(CONFIG),
-            f"--model.init_args.teacher={teacher_path}",
-            *DATA,
-            "--cache_dir",
-            str(cache_dir),
-        ]
-    )
+    filled = cache_command(teacher_path, cache_dir)
     assert set(filled) == {"train", "val"} and all(info["complete"] for info in filled.values())
     assert filled["train"]["computed_batches"] == 4 and filled["val"]["computed_batches"] == 2
     for info in filled.values():
@@ -99,39 +95,14 @@ def test_files_written_by_the_command_are_reused_without_a_teacher_forward_over_
     assert "val/left/teacher_acc" in trainer.callback_metrics
 
     # The command finds its own files complete and computes nothing.
-    again = main(
-        [
-            "cache",
-            "--config",
-            str(CONFIG),
-            f"--model.init_args.teacher={teacher_path}",
-            *DATA,
-            "--cache_dir",
-            str(cache_dir),
-            "--splits",
-            "train",
-        ]
-    )
+    again = cache_command(teacher_path, cache_dir, "--splits", "train")
     assert list(again) == ["train"] and again["train"]["computed_batches"] == 0
 
 
 def test_cached_outputs_equal_the_teachers_and_a_run_without_the_command_matches(tmp_path, monkeypatch, teacher_path):
     """The files hold the teacher's own outputs; a fit reading them logs what a fit filling its own cache logs."""
     monkeypatch.chdir(tmp_path)
-    filled = main(
-        [
-            "cache",
-            "--config",
-            str(CONFIG),
-            f"--model.init_args.teacher={teacher_path}",
-            *DATA,
-            "--cache_dir",
-            str(tmp_path / "pre"),
-            "--splits",
-            "train",
-            "val",
-        ]
-    )
+    filled = cache_command(teacher_path, tmp_path / "pre", "--splits", "train", "val")
     reused, _, reused_trainer = fit_with_cache(tmp_path, teacher_path, tmp_path / "pre", "disk")
     own, _, own_trainer = fit_with_cache(tmp_path / "own", teacher_path, tmp_path / "own-cache", "disk")
     assert own.counts["train"] == {"cached": 4, "computed": 4}

@@ -11,13 +11,15 @@ from torch import Tensor, nn
 
 from lightning_mtkd.checkpoints import as_module
 from lightning_mtkd.inputs import call_model
-from lightning_mtkd.strategies.base import FeaturePair, HintDistance, ModelOutputs, Step
+from lightning_mtkd.strategies.base import HintDistance, ModelOutputs, Step
 from lightning_mtkd.strategies.distillation import DistillationModule
+from lightning_mtkd.strategies.shared import SharedDistiller
 from lightning_mtkd.tasks import Task
 
 
-class SelfDistiller(DistillationModule):
-    r"""Self-distillation from a mean teacher: the teacher is an exponential moving average of the student.
+class SelfDistiller(SharedDistiller):
+    r"""Self-distillation from a mean teacher: a :class:`SharedDistiller` whose teacher is an exponential moving
+    average of the student.
 
     After every optimizer step the teacher's weights follow the student's,
 
@@ -66,11 +68,10 @@ class SelfDistiller(DistillationModule):
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1) (1 would never move the teacher), got {ema_decay}.")
-        if hint_weight < 0:
-            raise ValueError(f"hint_weight must be >= 0, got {hint_weight}.")
         student = as_module(student, "student")
         ema = copy.deepcopy(student)
-        super().__init__(student, ema, tasks, **kwargs)
+        # SharedDistiller whose teacher is the student's own moving average: its hint and soft targets as they are.
+        super().__init__(student, ema, tasks, student_feature, teacher_feature, hint_weight, distance, **kwargs)
         for option, value, default in (
             ("teacher_precision", self.teachers.precision, "32"),
             ("teacher_device", self.teachers.device, None),
@@ -85,18 +86,6 @@ class SelfDistiller(DistillationModule):
         # A submodule, unlike a frozen teacher: its weights are training state, saved and resumed with the run.
         self.ema = ema
         self.ema_decay = float(ema_decay)
-        self.student_feature, self.teacher_feature = student_feature, teacher_feature
-        self.hint_weight = hint_weight
-        self.distance: HintDistance = distance
-
-    def feature_pairs(self) -> list[FeaturePair]:
-        if self.hint_weight == 0:
-            return []
-        return [
-            FeaturePair(
-                "hint", self.student_feature, self.teacher_feature, weight=self.hint_weight, distance=self.distance
-            )
-        ]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
