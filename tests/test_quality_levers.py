@@ -285,6 +285,22 @@ def test_kd_search_choice_is_saved_and_restored_without_searching_again(tmp_path
         KDSearch(alphas=[1.5])
 
 
+@pytest.mark.parametrize("limits", [(2, 1), (0.5, 0.5)])
+def test_kd_search_trial_fits_keep_to_the_trainers_batch_limits(tmp_path, limits):
+    """4 training and 2 validation batches per epoch; with the limits each trial reads 2 and 1."""
+    seen: list[Tensor] = []
+    module = SharedDistiller(Recorder(seen=seen), Oracle(), TASKS, hint_weight=0.0)
+    search = KDSearch(temperatures=[1.0, 4.0], alphas=[0.5], epochs=1)
+    train, val = limits
+    trainer = quick_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=train, limit_val_batches=val, num_sanity_val_steps=0,
+        callbacks=[search],
+    )  # fmt: skip
+    trainer.fit(module, oracle_datamodule())
+    trials = 2 * (2 + 1)  # two candidates, each 2 training batches and 1 scoring batch
+    assert len(seen) == trials + 2 + 1  # then the fit itself: 2 training batches, 1 validation batch
+
+
 # ------------------------------------------------------------------------------ DDP
 class RecordChoices(L.Callback):
     """Writes, on every rank, the soft-target settings and the teachers each task distils from."""

@@ -52,9 +52,10 @@ class KDSearch(L.Callback):
     r"""Choose the temperature and α of a distillation fit by short trial fits scored on validation data.
 
     Before the first epoch, for every pair of ``temperatures`` × ``alphas``: the module's weights are reset to
-    where they started, the student trains ``epochs`` passes over the training loader (at most
-    ``max_batches`` batches each) with a fresh optimizer from the module's ``configure_optimizers``, and is
-    scored on the validation loader (at most ``max_batches`` batches). Candidates are ranked per task by the
+    where they started, the student trains ``epochs`` passes over the training loader with a fresh optimizer
+    from the module's ``configure_optimizers``, and is scored on the validation loader. A pass reads at most
+    ``max_batches`` batches and at most what the trainer's ``limit_train_batches`` / ``limit_val_batches``
+    allow. Candidates are ranked per task by the
     task's primary metric; the lowest mean rank wins (:func:`rank_candidates`), the lower summed supervised
     validation loss breaking ties. Every candidate sees the same batches and random draws; the module's
     weights, optimizer and random state are restored afterwards. Under DDP rank 0's choice is broadcast.
@@ -66,7 +67,7 @@ class KDSearch(L.Callback):
         temperatures: Candidate temperatures (> 0).
         alphas: Candidate distillation shares, in [0, 1].
         epochs: Training passes of each trial fit.
-        max_batches: Batches per trial pass and per scoring pass (``None``: the whole loaders).
+        max_batches: Batches per trial pass and per scoring pass (``None``: as many as the trainer's limits allow).
 
     YAML::
 
@@ -162,13 +163,15 @@ class KDSearch(L.Callback):
         rng = _rng_state()
         was_training, stage = module.training, trainer.state.stage
         self.results = []
+        train_batches = self._cap(trainer.limit_train_batches, train)
+        val_batches = self._cap(trainer.limit_val_batches, val)
         try:
             for temperature, alpha in self.candidates:
                 module.load_state_dict(start)
                 _set_rng_state(rng)  # every candidate: the same initial draws, batches and augmentations
                 module.temperature, module.distillation_alpha = temperature, alpha
-                self._fit(trainer, module, train)
-                scores, loss = self._score(trainer, module, val)
+                self._fit(trainer, module, train, train_batches)
+                scores, loss = self._score(trainer, module, val, val_batches)
                 self.results.append({"temperature": temperature, "alpha": alpha, "scores": scores, "loss": loss})
         finally:
             module.load_state_dict(start)
@@ -182,15 +185,24 @@ class KDSearch(L.Callback):
         best = min(self.results, key=lambda r: (r["rank"], r["loss"]))
         return {"temperature": best["temperature"], "alpha": best["alpha"]}
 
-    def _batches(self, trainer: L.Trainer, module: Any, loader: Any, training: bool) -> Any:
+    def _cap(self, limit: int | float | None, loader: Any) -> int | None:
+        """The batches a pass reads: ``max_batches`` and the trainer's ``limit_*_batches`` (a count or a share)."""
+        caps = [] if self.max_batches is None else [self.max_batches]
+        if isinstance(limit, int):
+            caps.append(limit)
+        elif isinstance(limit, float) and limit < 1.0 and hasattr(loader, "__len__"):
+            caps.append(max(1, int(limit * len(loader))))  # a loader without a length: its own end is the limit
+        return min(caps) if caps else None
+
+    def _batches(self, trainer: L.Trainer, module: Any, loader: Any, training: bool, limit: int | None) -> Any:
         trainer.training = training  # the DataModule augments training batches only
         for index, batch in enumerate(loader):
-            if self.max_batches is not None and index >= self.max_batches:
+            if limit is not None and index >= limit:
                 return
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)  # the loops' own calls
             yield module._apply_batch_transfer_handler(batch)
 
-    def _fit(self, trainer: L.Trainer, module: Any, loader: Any) -> None:
+    def _fit(self, trainer: L.Trainer, module: Any, loader: Any, limit: int | None) -> None:
         configured = module.configure_optimizers()
         optimizer = _first_optimizer(configured)
         module.train()
@@ -198,7 +210,7 @@ class KDSearch(L.Callback):
         for epoch in range(self.epochs):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            for batch in self._batches(trainer, module, loader, training=True):
+            for batch in self._batches(trainer, module, loader, True, limit):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss(module, batch).backward()
                 optimizer.step()
@@ -206,13 +218,15 @@ class KDSearch(L.Callback):
             sampler.set_epoch(0)
 
     @torch.no_grad()
-    def _score(self, trainer: L.Trainer, module: Any, loader: Any) -> tuple[dict[str, float], float]:
+    def _score(
+        self, trainer: L.Trainer, module: Any, loader: Any, limit: int | None
+    ) -> tuple[dict[str, float], float]:
         module.eval()
         metrics = {
             name: task.make_metrics()[task.primary_metric].to(module.device) for name, task in module.tasks.items()
         }
         losses = []
-        for batch in self._batches(trainer, module, loader, training=False):
+        for batch in self._batches(trainer, module, loader, False, limit):
             outputs = module.task_outputs(module(batch["input"]), "student")
             total = 0.0
             for name, task in module.tasks.items():
