@@ -26,6 +26,7 @@ from lightning_mtkd.cli import main
 from lightning_mtkd.losses import dist_loss, dkd_loss, feature_distance, kl_loss, rkd_loss, soft_target_kd
 from lightning_mtkd.models import ConvBackbone, MultiTaskNet
 from lightning_mtkd.models.adaptors import CRDHead
+from lightning_mtkd.strategies import CRD
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "multimnist"
 
@@ -287,3 +288,20 @@ def test_the_ema_teacher_refuses_a_lower_precision_or_another_device_clearly(opt
     (name,) = option
     with pytest.raises(ValueError, match=f"SelfDistiller keeps its moving-average teacher in float32.*{name}="):
         SelfDistiller(conv_net(), TASKS, **option)
+
+
+def test_crd_settings_reach_the_heads_and_survive_a_checkpoint(tmp_path):
+    settings = CRD(dim=16, negatives=8, temperature=0.2, momentum=0.9)
+    module = SharedDistiller(conv_net(), conv_net((8, 16), 32), TASKS, distance=settings)
+    trainer = quick_trainer(tmp_path, max_steps=2, limit_val_batches=1)
+    trainer.fit(module, random_datamodule(n=64))
+    head = module.adaptors["hint"]
+    assert head.memory.student_memory.shape == (64, 16) and head.negatives == 8
+    assert head.temperature == pytest.approx(0.2) and head.memory.momentum == pytest.approx(0.9)
+    assert "train/hint" in trainer.callback_metrics
+    path = tmp_path / "crd.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = SharedDistiller.load_from_checkpoint(path, weights_only=True, teacher=module.teacher)
+    assert reloaded.distance == settings and reloaded.adaptors["hint"].negatives == 8
+    with pytest.raises(ValueError, match="temperature"):
+        CRD(temperature=0.0)

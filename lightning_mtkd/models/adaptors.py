@@ -131,8 +131,16 @@ class CRDHead(nn.Module):
         self.register_buffer("settings", torch.tensor([self.negatives, temperature, momentum]))
 
     @classmethod
-    def between(cls, student_shape: Sequence[int], teacher_shape: Sequence[int], num_samples: int) -> CRDHead:
-        return cls(math.prod(student_shape[1:]), math.prod(teacher_shape[1:]), num_samples)
+    def between(
+        cls, student_shape: Sequence[int], teacher_shape: Sequence[int], num_samples: int, settings: Any = None
+    ) -> CRDHead:
+        """Heads for features of these shapes; ``settings``: a :class:`~lightning_mtkd.strategies.step.CRD`."""
+        options = (
+            {}
+            if settings is None
+            else {key: getattr(settings, key) for key in ("dim", "negatives", "temperature", "momentum")}
+        )
+        return cls(math.prod(student_shape[1:]), math.prod(teacher_shape[1:]), num_samples, **options)
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], prefix: str) -> CRDHead:

@@ -8,6 +8,7 @@ from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.strategies.fusion import FusionDistiller
 from lightning_mtkd.strategies.online import MutualDistiller, SelfDistiller
 from lightning_mtkd.strategies.shared import SharedDistiller
+from lightning_mtkd.strategies.step import CRD
 from lightning_mtkd.strategies.task_specific import TaskSpecificDistiller
 from lightning_mtkd.strategies.transfer import TransferDistiller, load_student
 
@@ -15,6 +16,7 @@ __all__ = [
     "AdaptiveDistiller",
     "AttentionDistiller",
     "AttentionPair",
+    "CRD",
     "DistillationModule",
     "FeaturePair",
     "FusionDistiller",

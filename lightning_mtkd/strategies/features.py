@@ -47,7 +47,7 @@ def hint_terms(module: DistillationModule, pairs: list[FeaturePair], step: Step)
     """``{pair.name: weight · distance}`` for every pair the base compares (``adapt``); CRD only while training."""
     terms = {}
     for pair in pairs:
-        if not pair.adapt or (pair.distance == "crd" and step.stage != "train"):  # CRD's banks: training only
+        if not pair.adapt or (pair.distance_name == "crd" and step.stage != "train"):  # CRD's banks: training only
             continue
         assert pair.student is not None and pair.teacher_path is not None
         student = feature_tensor(step.student.features[pair.student], pair.student)
@@ -59,11 +59,11 @@ def hint_terms(module: DistillationModule, pairs: list[FeaturePair], step: Step)
 def _feature_term(
     module: DistillationModule, pair: FeaturePair, student: Tensor, teacher: Tensor, step: Step
 ) -> Tensor:
-    if pair.distance == "rkd":
+    if pair.distance_name == "rkd":
         return rkd_loss(student, teacher)
-    if pair.distance == "cka":
+    if pair.distance_name == "cka":
         return feature_distance(student, teacher, "cka")
-    if pair.distance == "crd":
+    if pair.distance_name == "crd":
         index = step.batch.get("index")
         if not isinstance(index, Tensor):
             raise KeyError(
@@ -133,8 +133,9 @@ def _build_from_dry_run(module: DistillationModule, pairs: list[FeaturePair], ex
         teacher = feature_tensor(
             dry_run.teachers[pair.teacher].features[pair.teacher_path], pair.teacher_path, teacher_owner
         )
-        if pair.distance == "crd":
-            module.adaptors[name] = CRDHead.between(student.shape, teacher.shape, training_set_size(module)).to(device)
+        if pair.distance_name == "crd":
+            size = training_set_size(module)
+            module.adaptors[name] = CRDHead.between(student.shape, teacher.shape, size, pair.crd).to(device)
             continue
         where = f"adaptor {name!r} (student {pair.student!r} → teacher {pair.teacher!r} {pair.teacher_path!r})"
         module.adaptors[name] = Adaptor.between(student.shape, teacher.shape, name=where).to(device)
@@ -145,4 +146,4 @@ def _build_from_dry_run(module: DistillationModule, pairs: list[FeaturePair], ex
 
 def _needs_module(pair: FeaturePair) -> bool:
     """Whether a feature pair trains a module of its own (an adaptor, or CRD's heads and banks)."""
-    return pair.adapt and pair.distance not in DIRECT_DISTANCES
+    return pair.adapt and pair.distance_name not in DIRECT_DISTANCES

@@ -14,6 +14,7 @@ from lightning_mtkd.inputs import call_model
 from lightning_mtkd.strategies.base import HintDistance, ModelOutputs, Step
 from lightning_mtkd.strategies.distillation import DistillationModule
 from lightning_mtkd.strategies.shared import SharedDistiller
+from lightning_mtkd.strategies.step import CRD
 from lightning_mtkd.tasks import Task
 
 
@@ -63,7 +64,7 @@ class SelfDistiller(SharedDistiller):
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         hint_weight: float = 0.0,
-        distance: HintDistance = "l2",
+        distance: HintDistance | CRD = "l2",
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:

@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_mtkd.strategies.base import FeaturePair, HintDistance
 from lightning_mtkd.strategies.distillation import DistillationModule
+from lightning_mtkd.strategies.step import CRD, as_distance
 from lightning_mtkd.tasks import Task
 
 
@@ -41,7 +42,7 @@ class SharedDistiller(DistillationModule):
         teacher_feature: Dotted path of the teacher's shared representation (``None``: found).
         hint_weight: ``β``, the hint term's weight (0 turns the hint off).
         distance: How features are compared (:data:`~lightning_mtkd.strategies.step.HintDistance`): ``l2``,
-            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd``.
+            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd`` (or :class:`~lightning_mtkd.strategies.step.CRD` settings).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``optimizer``, …).
 
     Example (YAML)::
@@ -66,7 +67,7 @@ class SharedDistiller(DistillationModule):
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         hint_weight: float = 1.0,
-        distance: HintDistance = "l2",
+        distance: HintDistance | CRD = "l2",
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, tasks, **kwargs)
@@ -75,7 +76,7 @@ class SharedDistiller(DistillationModule):
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
-        self.distance: HintDistance = distance
+        self.distance = as_distance(distance)
 
     def feature_pairs(self) -> list[FeaturePair]:
         if self.hint_weight == 0:

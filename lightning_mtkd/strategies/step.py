@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 from torch import Tensor
 
@@ -70,7 +70,8 @@ class FeaturePair:
         weight: The term's weight.
         distance: How student and teacher features are compared (:data:`HintDistance`): through an adaptor
             by ``l2`` (on channel-normalised features), ``l1`` or ``cosine``; directly by ``cka`` (linear CKA)
-            or ``rkd`` (the relations between the batch's samples); or contrastively by ``crd``.
+            or ``rkd`` (the relations between the batch's samples); or contrastively by ``crd`` (or a
+            :class:`CRD` with settings of its own).
         adapt: Bridge them with a trainable :class:`~lightning_mtkd.models.Adaptor` and add the term to the
             default :meth:`DistillationModule.distillation_loss`; ``False`` only records both features (a
             strategy compares them itself, as attention distillation does).
@@ -84,11 +85,21 @@ class FeaturePair:
     teacher_path: str | None = None
     teacher: str = TEACHER
     weight: float = 1.0
-    distance: HintDistance = "l2"
+    distance: HintDistance | CRD = "l2"
     adapt: bool = True
     attention: bool = False
     student_root: str = ""
     adaptor: str | None = None
+
+    @property
+    def distance_name(self) -> str:
+        """The distance's name: ``distance``, or ``"crd"`` for :class:`CRD` settings."""
+        return "crd" if isinstance(self.distance, CRD) else self.distance
+
+    @property
+    def crd(self) -> CRD:
+        """The CRD settings of a ``crd`` pair."""
+        return self.distance if isinstance(self.distance, CRD) else CRD()
 
     @property
     def adaptor_name(self) -> str:
@@ -107,7 +118,65 @@ class FeaturePair:
 #:   widths, no adaptor — :func:`~lightning_mtkd.losses.relational.rkd_loss`;
 #: - ``crd``: contrastive representation distillation (Tian et al., ICLR 2020) with projection heads and
 #:   memory banks keyed by ``batch["index"]`` (:class:`~lightning_mtkd.models.adaptors.CRDHead`); training only.
+#:
+#: ``crd`` runs with the paper's settings; pass a :class:`CRD` to change them.
 HintDistance = Literal["l2", "cosine", "l1", "cka", "rkd", "crd"]
+
+
+@dataclass(frozen=True)
+class CRD:
+    """The ``crd`` feature distance with settings of its own (Tian, Krishnan & Isola, ICLR 2020).
+
+    Pass it where a strategy takes ``distance`` (``distance=CRD(negatives=4096)``; in YAML
+    ``distance: {class_path: lightning_mtkd.strategies.CRD, init_args: {negatives: 4096}}``); ``distance="crd"``
+    is ``CRD()``.
+
+    Args:
+        dim: The size both features are projected to (128 in the paper).
+        negatives: Negatives per sample from the memory banks (the paper: 16,384 on CIFAR-100; capped at the
+            training set's size − 1).
+        temperature: The softmax temperature of the contrast (0.07).
+        momentum: The memory banks' momentum (0.5).
+
+    Example:
+        >>> CRD(negatives=64)
+        CRD(dim=128, negatives=64, temperature=0.07, momentum=0.5)
+    """
+
+    dim: int = 128
+    negatives: int = 512
+    temperature: float = 0.07
+    momentum: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.negatives < 1:
+            raise ValueError(f"CRD needs dim >= 1 and negatives >= 1, got dim={self.dim}, negatives={self.negatives}.")
+        if not self.temperature > 0:
+            raise ValueError(f"CRD's temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"CRD's momentum (the banks' share kept) must lie in [0, 1), got {self.momentum}.")
+
+
+def as_distance(distance: HintDistance | CRD | Mapping[str, Any]) -> HintDistance | CRD:
+    """A strategy's ``distance`` argument checked: a :data:`HintDistance` name, or :class:`CRD` settings (also as
+    the dict a checkpoint stores them as).
+
+    Example:
+        >>> as_distance({"negatives": 64}), as_distance("cka")
+        (CRD(dim=128, negatives=64, temperature=0.07, momentum=0.5), 'cka')
+    """
+    if isinstance(distance, CRD):
+        return distance
+    if isinstance(distance, Mapping):
+        return CRD(**distance)
+    if distance not in get_args(HintDistance):
+        raise ValueError(
+            f"unknown feature distance {distance!r}: use one of {list(get_args(HintDistance))} or CRD settings "
+            "(lightning_mtkd.strategies.CRD)."
+        )
+    return distance
+
+
 #: The distances that compare features as they are (no adaptor is built for them).
 DIRECT_DISTANCES = ("cka", "rkd")
 

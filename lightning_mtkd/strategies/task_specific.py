@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_mtkd.strategies.base import FeaturePair, HintDistance
 from lightning_mtkd.strategies.distillation import DistillationModule
+from lightning_mtkd.strategies.step import CRD, as_distance
 from lightning_mtkd.tasks import Task
 
 
@@ -47,7 +48,7 @@ class TaskSpecificDistiller(DistillationModule):
             once: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20-epoch students) β = 1 closed 15%
             of the teacher–scratch gap, β = 0 23%, β = 0.1 34%.
         distance: How features are compared (:data:`~lightning_mtkd.strategies.step.HintDistance`): ``l2``,
-            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd``.
+            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd`` (or :class:`~lightning_mtkd.strategies.step.CRD` settings).
         teacher_trust: Before fitting, score every teacher on the validation split and distil each task from
             the best teacher that outputs it (:class:`~lightning_mtkd.callbacks.TeacherTrust`, added unless the
             trainer has one). With it, ``teacher`` may hold candidates that teach no task by default, e.g. the
@@ -76,7 +77,7 @@ class TaskSpecificDistiller(DistillationModule):
         student_feature: str | None = None,
         teacher_feature: str | dict[str, str] | None = None,
         feature_weight: float = 0.1,
-        distance: HintDistance = "l2",
+        distance: HintDistance | CRD = "l2",
         teacher_trust: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -100,7 +101,7 @@ class TaskSpecificDistiller(DistillationModule):
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.feature_weight = feature_weight
-        self.distance: HintDistance = distance
+        self.distance = as_distance(distance)
 
     def feature_path(self, teacher: str) -> str | None:
         """The feature path read in ``teacher`` (``None``: the input of its task heads)."""

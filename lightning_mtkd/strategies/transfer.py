@@ -15,6 +15,7 @@ from lightning_mtkd.config import class_path, to_config
 from lightning_mtkd.models.students import TaskStudents
 from lightning_mtkd.strategies.base import FeaturePair, HintDistance, MultiTaskModule
 from lightning_mtkd.strategies.distillation import DistillationModule
+from lightning_mtkd.strategies.step import CRD, as_distance
 from lightning_mtkd.tasks import Task, as_tasks
 
 
@@ -54,7 +55,7 @@ class TransferDistiller(DistillationModule):
             the teacher's whole shared feature: on MultiMNIST (``benchmarks/quality.py``, 3 seeds, 20 epochs,
             10.5K students) β = 1 closed 19% of the teacher–scratch gap, β = 0.1 29%, β = 0 30%.
         distance: How features are compared (:data:`~lightning_mtkd.strategies.step.HintDistance`): ``l2``,
-            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd``.
+            ``cosine``, ``l1``, ``cka``, ``rkd`` or ``crd`` (or :class:`~lightning_mtkd.strategies.step.CRD` settings).
         **kwargs: Everything else :class:`DistillationModule` takes (``temperature``, ``alpha``, ``adaptor_lr``, …).
 
     Example (YAML)::
@@ -80,7 +81,7 @@ class TransferDistiller(DistillationModule):
         student_feature: str | None = None,
         teacher_feature: str | None = None,
         hint_weight: float = 0.1,
-        distance: HintDistance = "l2",
+        distance: HintDistance | CRD = "l2",
         **kwargs: Any,
     ) -> None:
         if isinstance(student, nn.Module) or not isinstance(student, Mapping) or not student:
@@ -95,7 +96,7 @@ class TransferDistiller(DistillationModule):
         self.student_feature = student_feature
         self.teacher_feature = teacher_feature
         self.hint_weight = hint_weight
-        self.distance: HintDistance = distance
+        self.distance = as_distance(distance)
 
     @property
     def students(self) -> TaskStudents:
