@@ -392,3 +392,21 @@ def test_csv_unlabelled_rows_hidden_labels_and_augment_reach_distillation(tmp_pa
     trainer = quick_trainer(tmp_path, max_epochs=1)
     trainer.fit(module, dm)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_celeba_multilabel_distils_on_consistently_augmented_batches(tmp_path):
+    from lightning_mtkd import SharedDistiller
+    from lightning_mtkd.data import BatchAugment, CelebADataModule
+    from lightning_mtkd.models import ConvBackbone
+
+    write_celeba(tmp_path)
+    augment = BatchAugment(shift=2, mixup=1.0, mixup_mode="append")
+    dm = CelebADataModule(str(tmp_path), image_size=16, crop=None, batch_size=2, augment=augment)
+    net = lambda width: MultiTaskNet(ConvBackbone(in_channels=3, widths=(width,), hidden=8), heads={"attributes": 3})  # noqa: E731
+    torch.manual_seed(0)
+    module = SharedDistiller(net(4), net(8), dm.tasks())
+    trainer = quick_trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, dm)
+    assert dm.augment is augment
+    assert torch.isfinite(trainer.callback_metrics["train/attributes/kd"])
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

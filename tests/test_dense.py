@@ -292,3 +292,22 @@ def test_every_strategy_accepts_dense_tasks(name, tmp_path):
     metrics = trainer.callback_metrics
     assert {"train/segmentation/kd", "train/depth/kd", "train/normals/kd"} <= set(metrics), sorted(metrics)
     assert all(torch.isfinite(v) for k, v in metrics.items() if k.startswith("train/")), metrics
+
+
+def test_nyuv2_distils_with_mixed_inputs_and_refuses_a_shift_that_would_misalign_the_maps(tmp_path):
+    from lightning_mtkd.data import BatchAugment
+
+    write_nyuv2(tmp_path / "nyu")
+    heads = {"segmentation": 13, "depth": 1, "normals": 3}
+    torch.manual_seed(0)
+    teacher, student = SegNet(heads, widths=(8, 16)), SegNet(heads, widths=(4, 8))
+    mixed = NYUv2DataModule(str(tmp_path / "nyu"), batch_size=2, augment=BatchAugment(mixup=1.0, mixup_mode="append"))
+    module = SharedDistiller(student, teacher, mixed.tasks(), hint_weight=0.0)
+    trainer = quick_trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, mixed)
+    losses = [trainer.callback_metrics[f"train/{task}/kd"] for task in heads]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    shifted = NYUv2DataModule(str(tmp_path / "nyu"), batch_size=2, augment=BatchAugment(shift=2))
+    with pytest.raises(ValueError, match=r"dense targets of \['segmentation', 'depth', 'normals'\].*shift=0"):
+        quick_trainer(tmp_path, max_steps=1).fit(SharedDistiller(student, teacher, mixed.tasks()), shifted)

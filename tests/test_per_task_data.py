@@ -174,3 +174,27 @@ def test_ddp_two_processes_over_per_task_sources(tmp_path):
         mae = (module.model(size.inputs)["size"] - size.targets["size"]).abs().mean()
     torch.testing.assert_close(trainer.callback_metrics["val/digit/acc"], acc)
     torch.testing.assert_close(trainer.callback_metrics["val/size/mae"], mae)
+
+
+def test_augment_acts_on_the_merged_batch(tmp_path):
+    import lightning as L
+
+    from lightning_mtkd.data import BatchAugment
+
+    class BatchSizes(L.Callback):
+        def __init__(self):
+            self.sizes, self.missing = [], []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.sizes.append(batch["input"].shape[0])
+            self.missing.append(int((batch["targets"]["digit"] == -100).sum()))
+
+    torch.manual_seed(0)
+    net = MultiTaskNet(MLPBackbone(in_features=6, hidden=(8,)), heads={"digit": 3, "size": 1})
+    teacher = MultiTaskNet(MLPBackbone(in_features=6, hidden=(16,)), heads={"digit": 3, "size": 1})
+    augment = BatchAugment(noise=0.1, mixup=1.0, mixup_fraction=1.0, mixup_mode="append")
+    dm = two_sources(batch_size=10, sampling="temperature", tau=0.5, augment=augment)
+    record = BatchSizes()
+    quick_trainer(tmp_path, max_steps=2, callbacks=[record]).fit(SharedDistiller(net, teacher, TASKS), dm)
+    # 7 digit + 3 size samples, then 10 mixed ones without labels: 3 + 10 digit targets missing.
+    assert record.sizes == [20, 20] and record.missing == [13, 13]

@@ -109,6 +109,26 @@ def test_batch_augment_marks_mixed_labels_missing_and_is_a_function_of_step_and_
             BatchAugment(**bad)
 
 
+def test_appended_mixup_keeps_every_labelled_sample_and_adds_unlabelled_blends():
+    batch = {
+        "input": torch.eye(8).reshape(8, 1, 2, 4),
+        "targets": {"a": torch.arange(8), "b": torch.rand(8, 1)},
+        "index": torch.arange(10, 18),
+    }
+    augment = BatchAugment(mixup=1.0, mixup_fraction=0.5, mixup_mode="append")
+    out = augment(batch, step=3)
+    assert out["input"].shape == (12, 1, 2, 4) and torch.equal(out["input"][:8], batch["input"])
+    assert torch.equal(out["targets"]["a"][:8], batch["targets"]["a"]) and (out["targets"]["a"][8:] == -100).all()
+    assert out["targets"]["b"][8:].isnan().all() and not out["targets"]["b"][:8].isnan().any()
+    blends = out["input"][8:].flatten(1)
+    assert torch.allclose(blends.sum(1), torch.ones(4)) and (blends >= 0).all()
+    sources = out["index"][8:] - 10  # each blend's index is its first source's: that one-hot sample is in it
+    assert (blends[torch.arange(4), sources] > 0).all()
+    assert torch.equal(out["input"], augment(batch, step=3)["input"])
+    with pytest.raises(ValueError, match="mixup_mode"):
+        BatchAugment(mixup=1.0, mixup_mode="extra")
+
+
 # ------------------------------------------------------------------------------ augmentation in a fit
 def test_teachers_and_student_see_the_same_augmented_view_and_evaluation_is_not_augmented(tmp_path):
     seen_teacher: list[Tensor] = []

@@ -19,7 +19,7 @@ a resumed run draws exactly the views an uninterrupted one would have drawn.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -86,21 +86,40 @@ def mixup_inputs(
         (2, True)
     """
     batch = inputs.shape[0]
-    count = round(fraction * batch)
     mixed = torch.zeros(batch, dtype=torch.bool)
-    if count == 0:
+    blends, chosen = mixup_blends(inputs, concentration, round(fraction * batch), generator)
+    if len(chosen) == 0:
         return inputs, mixed.to(inputs.device)
+    out = inputs.clone()
+    out[chosen.to(inputs.device)] = blends
+    mixed[chosen] = True
+    return out, mixed.to(inputs.device)
+
+
+def mixup_blends(inputs: Tensor, concentration: float, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    r"""``count`` new samples :math:`\lambda x_i + (1-\lambda) x_j`, :math:`\lambda \sim \mathrm{Beta}(a, a)`.
+
+    :math:`i` runs over ``count`` distinct samples of the batch (at most ``B``), :math:`j` over random partners.
+
+    Returns:
+        The ``(count, ...)`` blends and the ``(count,)`` indices :math:`i` of their first sources (on the CPU).
+
+    Example:
+        >>> blends, sources = mixup_blends(torch.eye(4), 1.0, 3, torch.Generator().manual_seed(0))
+        >>> tuple(blends.shape), torch.allclose(blends.sum(1), torch.ones(3)), len(set(sources.tolist()))
+        ((3, 4), True, 3)
+    """
+    batch = inputs.shape[0]
+    count = min(count, batch)
+    if count == 0:
+        return inputs[:0], torch.zeros(0, dtype=torch.long)
     chosen = torch.randperm(batch, generator=generator)[:count]
     partners = torch.randperm(batch, generator=generator)[:count]
     # torch.distributions.Beta takes no generator; the draws must come from ours (exact resume), hence _beta.
     lam = _beta(concentration, count, generator).to(inputs.dtype)
-    shape = (count,) + (1,) * (inputs.dim() - 1)
-    lam = lam.reshape(shape).to(inputs.device)
+    lam = lam.reshape((count,) + (1,) * (inputs.dim() - 1)).to(inputs.device)
     chosen_d, partners_d = chosen.to(inputs.device), partners.to(inputs.device)
-    out = inputs.clone()
-    out[chosen_d] = lam * inputs[chosen_d] + (1 - lam) * inputs[partners_d]
-    mixed[chosen] = True
-    return out, mixed.to(inputs.device)
+    return lam * inputs[chosen_d] + (1 - lam) * inputs[partners_d], chosen
 
 
 def _beta(concentration: float, count: int, generator: torch.Generator) -> Tensor:
@@ -146,11 +165,18 @@ class BatchAugment:
     r"""A random view of each training batch, drawn once and shared by teachers and student (Beyer et al., CVPR 2022).
 
     In order: random shifts of up to ``shift`` pixels (images only), Gaussian noise of std ``noise`` (any
-    float inputs), then mixup of a ``mixup_fraction`` of the batch with ``Beta(mixup, mixup)`` weights. A
-    mixed sample belongs to no class, so its labels are marked missing (``-100`` / ``NaN``): the supervised
-    losses skip it and only the distillation terms reach it, the teacher labelling the mixed view
-    ("function matching"). A student trained from labels alone gets nothing from mixed samples: give it
-    ``mixup=0``.
+    float inputs), then mixup with ``Beta(mixup, mixup)`` weights. A mixed sample belongs to no class, so its
+    labels are missing (``-100`` / ``NaN``): the supervised losses skip it and only the distillation terms
+    reach it, the teacher labelling the mixed view ("function matching"). ``mixup_mode`` says where the mixed
+    samples go:
+
+    - ``"replace"``: a ``mixup_fraction`` of the batch is mixed in place, so those samples lose their labels;
+    - ``"append"``: ``mixup_fraction`` × B mixed samples are *added* to the batch, which keeps every labelled
+      sample: the mixed ones are extra unlabelled inputs, drawn from the data the module already has (each
+      step costs that much more). Other per-sample tensors of the batch (``index``) follow the mixed sample's
+      first source.
+
+    A student trained from labels alone gets nothing from mixed samples: give it ``mixup=0``.
 
     The draws are a pure function of ``(seed, step, rank)``: resuming from a checkpoint gives the same views,
     and each DDP rank draws its own.
@@ -159,7 +185,9 @@ class BatchAugment:
         shift: Largest translation in pixels (0: none).
         noise: Std of the additive Gaussian noise (0: none).
         mixup: Beta concentration :math:`a` of the mixing weights (0: no mixup).
-        mixup_fraction: Share of each batch that is mixed.
+        mixup_fraction: Share of each batch that is mixed (``"replace"``), or the number of mixed samples added
+            per labelled one (``"append"``).
+        mixup_mode: ``"replace"`` or ``"append"`` (above).
         seed: Seed of the draws.
 
     YAML::
@@ -177,7 +205,13 @@ class BatchAugment:
     """
 
     def __init__(
-        self, shift: int = 0, noise: float = 0.0, mixup: float = 0.0, mixup_fraction: float = 0.5, seed: int = 0
+        self,
+        shift: int = 0,
+        noise: float = 0.0,
+        mixup: float = 0.0,
+        mixup_fraction: float = 0.5,
+        mixup_mode: Literal["replace", "append"] = "replace",
+        seed: int = 0,
     ) -> None:
         if shift < 0:
             raise ValueError(f"shift must be >= 0 pixels, got {shift}.")
@@ -187,16 +221,22 @@ class BatchAugment:
             raise ValueError(f"mixup is the Beta concentration and must be >= 0 (0 turns mixup off), got {mixup}.")
         if not 0.0 <= mixup_fraction <= 1.0:
             raise ValueError(f"mixup_fraction must lie in [0, 1], got {mixup_fraction}.")
+        if mixup_mode not in ("replace", "append"):
+            raise ValueError(
+                f"mixup_mode must be 'replace' (mix samples in place) or 'append' (add mixed samples), got "
+                f"{mixup_mode!r}."
+            )
         self.shift = int(shift)
         self.noise = float(noise)
         self.mixup = float(mixup)
         self.mixup_fraction = float(mixup_fraction)
+        self.mixup_mode = mixup_mode
         self.seed = int(seed)
 
     def __repr__(self) -> str:
         return (
             f"BatchAugment(shift={self.shift}, noise={self.noise}, mixup={self.mixup}, "
-            f"mixup_fraction={self.mixup_fraction}, seed={self.seed})"
+            f"mixup_fraction={self.mixup_fraction}, mixup_mode={self.mixup_mode!r}, seed={self.seed})"
         )
 
     def __call__(self, batch: Mapping[str, Any], step: int, rank: int = 0) -> dict[str, Any]:
@@ -208,14 +248,44 @@ class BatchAugment:
                 f"{type(inputs).__name__ if not isinstance(inputs, Tensor) else inputs.dtype}. Token ids or dict "
                 "inputs cannot be shifted or mixed: drop `augment`."
             )
+        if self.shift:
+            dense = [name for name, target in batch["targets"].items() if target.dim() >= 3]
+            if dense:
+                raise ValueError(
+                    f"BatchAugment(shift={self.shift}) would move the images but not the dense targets of "
+                    f"{dense} (per-pixel maps), so labels and pixels would no longer line up. Set shift=0 for "
+                    "dense tasks (noise and mixup keep them aligned)."
+                )
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + rank)
         out = random_shift(inputs, self.shift, generator)
         out = gaussian_noise(out, self.noise, generator)
         targets = batch["targets"]
+        if self.mixup > 0 and self.mixup_mode == "append":
+            return _append_blends(batch, out, self.mixup, self.mixup_fraction, generator)
         if self.mixup > 0:
             out, mixed = mixup_inputs(out, self.mixup, self.mixup_fraction, generator)
             targets = {name: _mark_missing(target, mixed) for name, target in targets.items()}
         return {**batch, "input": out, "targets": targets}
+
+
+def _append_blends(
+    batch: Mapping[str, Any], inputs: Tensor, concentration: float, fraction: float, generator: torch.Generator
+) -> dict[str, Any]:
+    """``batch`` with ``inputs`` and, after them, mixed samples whose targets are missing."""
+    size = inputs.shape[0]
+    blends, sources = mixup_blends(inputs, concentration, round(fraction * size), generator)
+    sources = sources.to(inputs.device)
+
+    def extend(value: Any) -> Any:  # other per-sample tensors (index) follow the blend's first source
+        return torch.cat([value, value[sources]]) if isinstance(value, Tensor) and value.shape[:1] == (size,) else value
+
+    targets = {name: torch.cat([target, _missing(target[sources])]) for name, target in batch["targets"].items()}
+    rest = {key: extend(value) for key, value in batch.items() if key not in ("input", "targets")}
+    return {**rest, "input": torch.cat([inputs, blends]), "targets": targets}
+
+
+def _missing(target: Tensor) -> Tensor:
+    return torch.full_like(target, torch.nan if target.is_floating_point() else IGNORE_INDEX)
 
 
 def _mark_missing(target: Tensor, mixed: Tensor) -> Tensor:

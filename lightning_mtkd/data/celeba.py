@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import GatheringDataset, MultiTaskDataModule
 from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
@@ -163,7 +164,8 @@ class CelebADataModule(MultiTaskDataModule):
             of the 178×218 aligned faces.
             ``None`` resizes the full image (distorting its aspect ratio).
         max_samples: Keep at most this many images per split (the first in the file), for quick runs.
-        batch_size, num_workers, pin_memory, seed: As in :class:`MultiTaskDataModule`.
+        batch_size, num_workers, pin_memory, seed, augment: As in :class:`MultiTaskDataModule` (``augment``: e.g.
+            ``BatchAugment(shift=4, mixup=1.0, mixup_mode="append")``).
 
     After ``setup()``, :meth:`tasks` gives the matching :class:`~lightning_mtkd.Task` list.
 
@@ -187,8 +189,11 @@ class CelebADataModule(MultiTaskDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
+        augment: BatchAugment | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, augment=augment
+        )
         if mode not in ("binary", "multilabel"):
             raise ValueError(f"mode {mode!r} must be 'binary' or 'multilabel'.")
         if image_size < 1 or (crop is not None and crop < 1) or (max_samples is not None and max_samples < 1):

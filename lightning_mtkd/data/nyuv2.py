@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import GatheringDataset, MultiTaskDataModule
 from lightning_mtkd.tasks import IGNORE_INDEX, Task
 
@@ -136,7 +137,8 @@ class NYUv2DataModule(MultiTaskDataModule):
         tasks: Which of ``segmentation``, ``depth``, ``normals`` to load (their target names in the batch).
         image_size: ``[H, W]`` to resize to (e.g. ``[144, 192]``, half size); ``None`` keeps 288×384.
         val_from_train: Training samples held out (at random, from ``seed``) for validation.
-        batch_size, num_workers, pin_memory, seed: As in :class:`MultiTaskDataModule`.
+        batch_size, num_workers, pin_memory, seed, augment: As in :class:`MultiTaskDataModule` (``augment``: noise
+            and mixup; ``shift`` is refused, since it would move the image away from its dense maps).
 
     YAML::
 
@@ -155,8 +157,11 @@ class NYUv2DataModule(MultiTaskDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
+        augment: BatchAugment | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, augment=augment
+        )
         chosen: list[str] = list(tasks) if tasks is not None else list(FOLDERS)
         unknown = [t for t in chosen if t not in FOLDERS]
         if unknown or not chosen or len(set(chosen)) != len(chosen):

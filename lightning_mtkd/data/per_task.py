@@ -18,6 +18,7 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from lightning_mtkd.data.augment import BatchAugment
 from lightning_mtkd.data.base import (
     BatchGathering,
     EpochShuffleSampler,
@@ -81,7 +82,8 @@ class PerTaskDataModule(MultiTaskDataModule):
         tau: The exponent of ``sampling="temperature"``.
         mode: When a training epoch ends.
         own_task_only: Keep only the target named after each source (``False``: keep all its targets).
-        num_workers, pin_memory, seed: As in :class:`MultiTaskDataModule`.
+        num_workers, pin_memory, seed, augment: As in :class:`MultiTaskDataModule` (``augment`` acts on the
+            merged training batch, after the sources' batches are joined).
 
     YAML::
 
@@ -106,8 +108,11 @@ class PerTaskDataModule(MultiTaskDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         seed: int = 0,
+        augment: BatchAugment | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed, augment=augment
+        )
         if len(sources) < 1:
             raise ValueError("sources is empty; give one DataModule per task, e.g. {left: ..., right: ...}.")
         if sampling not in ("proportional", "uniform", "temperature"):
