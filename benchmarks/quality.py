@@ -17,6 +17,9 @@ A row is a strategy (``shared``, ``task-specific``, …) and optionally levers, 
 
 - ``aug``: consistent augmentation (``BatchAugment``: shifts and mixup for images, noise and mixup for tables),
   one view per batch shared by teachers and student; the teacher cache then keeps the validation split only;
+- ``mix``: function matching on extra inputs: each training batch gets as many mixup blends of its own samples
+  appended, with no labels, so only the distillation terms reach them (``BatchAugment(mixup_mode="append")``);
+  the labelled samples stay as they are (``aug`` mixes half of them in place, dropping their labels);
 - ``long``: a patient schedule, twice the epochs (Beyer et al., CVPR 2022);
 - ``unl``: unlabelled composites joined to the training split (image sets only);
 - ``search``: temperature and α chosen by ``KDSearch`` on the validation split;
@@ -164,7 +167,10 @@ ROWS: dict[str, Row] = {
 }
 
 #: The levers a row may add to a strategy with ``+`` (see the module docstring).
-LEVERS = ("aug", "long", "unl", "search", "trust")
+LEVERS = ("aug", "mix", "long", "unl", "search", "trust")
+#: The ``mix`` lever: as many mixed samples as labelled ones appended to each training batch, labelled by the
+#: teachers only (``BatchAugment(mixup_mode="append")``): unlabelled inputs made from any data set's own inputs.
+MIX = {"mixup": 1.0, "mixup_fraction": 1.0, "mixup_mode": "append"}
 #: What ``+new`` stands for: the new defaults, chosen on the validation splits (quality-screens.md): a patient
 #: schedule (twice the epochs) and teacher trust where a strategy has several teachers. Consistent augmentation
 #: and the KD search did not hold on every validation set; unlabelled data helps where a data set has some.
@@ -259,8 +265,10 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
     scratch = base in SCRATCH_ROWS
     if scratch and "new" in row.split("+"):  # a scratch student takes the new defaults' data levers only
         levers = tuple(lever for lever in levers if lever in ("aug", "long"))
-    if scratch and ({"search", "trust", "unl"} & set(levers)):
+    if scratch and ({"search", "trust", "unl", "mix"} & set(levers)):
         raise ValueError(f"row {row!r}: a scratch student has no teacher to search, trust or label for it.")
+    if {"aug", "mix"} <= set(levers):
+        raise ValueError(f"row {row!r}: take one of aug and mix (both set the batch augmentation).")
     if "trust" in levers and base not in ("task-specific", "fusion"):
         if "trust" in row.split("+"):
             raise ValueError(f"row {row!r}: teacher trust chooses among several teachers (task-specific, fusion only).")
@@ -278,7 +286,11 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
         )
     return module, {
         "epochs": config["student"]["epochs"] * (2 if "long" in levers else 1),
-        "augment": lever_config["scratch_augment" if scratch else "augment"] if "aug" in levers else None,
+        "augment": MIX
+        if "mix" in levers
+        else lever_config["scratch_augment" if scratch else "augment"]
+        if "aug" in levers
+        else None,
         "unlabelled": lever_config["unlabelled"] if "unl" in levers else None,
         "callbacks": callbacks,
     }
