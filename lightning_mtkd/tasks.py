@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from lightning_mtkd.losses import functional as LF
 from lightning_mtkd.losses import logits as LL
-from lightning_mtkd.metrics import MeanAngularError, WithinAngle
+from lightning_mtkd.metrics import MeanAngularError, WithinAngle, angular_error
 
 TaskKind = Literal["classification", "multilabel", "regression", "segmentation", "depth", "normals"]
 
@@ -377,6 +377,39 @@ class Task:
         batch = output.shape[0]
         per, mask = per.reshape(batch, -1), mask.reshape(batch, -1).to(per.dtype)
         return (per * mask).sum(1) / mask.sum(1).clamp_min(1.0), mask.sum(1) > 0
+
+    def per_sample_score(self, output: Tensor, target: Tensor) -> Tensor:
+        """``(B,)``: each sample's share of the primary metric, in its direction (NaN: the sample has no label).
+
+        Its mean over samples is the primary metric for ``acc`` (1 right, 0 wrong) and ``mae`` (the absolute
+        error). For metrics that do not split into samples it is the per-sample measure closest to them:
+        multi-label, the share of the sample's labels predicted right (F1 is not a mean over samples);
+        segmentation, the image's pixel accuracy (for mIoU); depth and normals, the image's mean absolute error
+        and mean angular error (degrees) over its labelled pixels. Teacher trust reads its spread (the standard
+        error of paired differences between teachers).
+
+        Example:
+            >>> Task("digit", num_classes=3).per_sample_score(torch.eye(3), torch.tensor([0, 2, -100])).tolist()
+            [1.0, 0.0, nan]
+        """
+        target = self._as_output_shape(output, target)
+        if self.kind == "normals":
+            present = self._pixel_mask(target)
+            per = angular_error(output.movedim(1, -1), torch.where(present.unsqueeze(1), target, 1.0).movedim(1, -1))
+        elif self.kind in ("classification", "segmentation"):
+            present = self.valid_mask(target)
+            per = (output.argmax(1) == target).float()
+        elif self.kind == "multilabel":
+            present = self.valid_mask(target)
+            per = ((output > 0) == (target > 0.5)).float()
+        else:
+            present = self.valid_mask(target)
+            per = (output - torch.where(present, target, output.detach())).abs().float()
+        batch = output.shape[0]
+        per, present = per.reshape(batch, -1), present.reshape(batch, -1)
+        counts = present.sum(1)
+        score = torch.where(present, per, 0.0).sum(1) / counts.clamp_min(1)
+        return torch.where(counts > 0, score, torch.nan)
 
     def fuse_teacher_outputs(self, outputs: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """One target from ``K`` teachers' outputs ``(K, B, ...)`` with per-sample weights ``(K, B)``.

@@ -10,7 +10,7 @@ import torch
 from conftest import TASKS, quick_trainer
 from torch import Tensor, nn
 
-from lightning_mtkd import FusionDistiller, MultiTaskModule, SharedDistiller, TaskSpecificDistiller
+from lightning_mtkd import FusionDistiller, MultiTaskModule, SharedDistiller, Task, TaskSpecificDistiller
 from lightning_mtkd.callbacks import KDSearch, TeacherCache, TeacherTrust, rank_candidates, trusted_teachers
 from lightning_mtkd.data import BatchAugment, MultiMNISTDataModule, MultiTaskDataModule, MultiTaskDataset
 from lightning_mtkd.data.augment import _beta, _gamma, mixup_inputs, random_shift
@@ -234,6 +234,55 @@ def test_fusion_fuses_only_the_trusted_teachers_and_a_trainer_callback_wins(tmp_
     off = FusionDistiller(Recorder(), teachers, TASKS, teacher_trust=False)
     quick_trainer(tmp_path, max_steps=1, limit_val_batches=1).fit(off, oracle_datamodule())
     assert off.trusted == {}
+
+
+class Signs(nn.Module):
+    """A multi-label teacher reading the 4 labels off the signs of the input's first 4 features; ``label``
+    is read wrong on every ``flip_every``-th sample from ``offset`` on."""
+
+    def __init__(self, flip_every: int = 0, label: int = 0, offset: int = 0) -> None:
+        super().__init__()
+        self.flip_every, self.label, self.offset = flip_every, label, offset
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        logits = self.scale * x[:, :4]
+        if self.flip_every:
+            wrong = logits[self.offset :: self.flip_every, self.label]
+            logits[self.offset :: self.flip_every, self.label] = -wrong
+        return {"tags": logits}
+
+
+def test_trust_weighs_multilabel_teachers_by_their_per_sample_spread(tmp_path):
+    """Two teachers wrong on a few different samples each: the second best stays (its shortfall is within two
+    standard errors of the paired per-sample difference); one wrong everywhere is dropped. Without per-sample
+    values for multi-label tasks the standard errors were 0 and only the best stayed."""
+    tags = [Task("tags", kind="multilabel", num_classes=4)]
+
+    def split(n: int, seed: int) -> MultiTaskDataset:
+        x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+        return MultiTaskDataset(x, {"tags": (x[:, :4] > 0).float()})
+
+    dm = MultiTaskDataModule(split(64, 0), split(128, 1), split(32, 2), batch_size=32)
+    teachers = {"a": Signs(32, label=0), "b": Signs(32, label=1, offset=1), "wrong": Signs(1, label=2)}
+    student = nn.Sequential(nn.Linear(8, 4))
+    module = FusionDistiller(_TagsHead(student), teachers, tags)
+    trust = TeacherTrust()
+    quick_trainer(tmp_path, max_steps=1, limit_val_batches=4, callbacks=[trust]).fit(module, dm)
+    scores = trust.scores["tags"]
+    assert scores["wrong"] < min(scores["a"], scores["b"]) < max(scores["a"], scores["b"]) < 1.0
+    assert min(trust.standard_errors["tags"]["a"], trust.standard_errors["tags"]["b"]) == 0.0  # the best's own
+    assert max(trust.standard_errors["tags"]["a"], trust.standard_errors["tags"]["b"]) > 0.0
+    assert sorted(module.trusted["tags"]) == ["a", "b"]
+
+
+class _TagsHead(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"tags": self.net(x)}
 
 
 def test_any_strategy_takes_the_trust_choice_through_the_base_hook(tmp_path):

@@ -82,3 +82,28 @@ def test_check_target_names_range_dtype_and_shape():
         task.check_target(torch.zeros(2, 10), torch.tensor([[0], [1]]))
     with pytest.raises(ValueError, match="num_classes=10"):
         task.check_target(torch.zeros(2, 7), torch.tensor([0, 1]))
+
+
+def test_per_sample_scores_of_every_kind_by_hand():
+    """Each sample's share of the primary metric (its mean is the metric for acc and MAE); NaN without a label."""
+    nan = float("nan")
+    classification = Task("c", num_classes=3)
+    logits = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0]])
+    assert classification.per_sample_score(logits, torch.tensor([0, 2, -100])).tolist()[:2] == [1.0, 0.0]
+    regression = Task("r", kind="regression", num_classes=1)
+    scores = regression.per_sample_score(torch.tensor([[1.0], [2.0]]), torch.tensor([[1.5], [nan]]))
+    assert scores[0] == 0.5 and scores[1].isnan()
+    multilabel = Task("m", kind="multilabel", num_classes=4)
+    scores = multilabel.per_sample_score(torch.tensor([[1.0, -1, 1, -1]]), torch.tensor([[1, 0, 0, -100]]))
+    assert scores.tolist() == pytest.approx([2 / 3])  # two of its three present labels right
+    segmentation = Task("s", kind="segmentation", num_classes=2)
+    maps = torch.tensor([[[[1.0, 0], [0, 1]], [[0.0, 1], [1, 0]]]])  # (1, 2, 2, 2): class 0, 1 / 1, 0
+    assert segmentation.per_sample_score(maps, torch.tensor([[[0, 0], [1, -100]]])).tolist() == pytest.approx([2 / 3])
+    depth = Task("d", kind="depth", num_classes=1)
+    depth_maps = torch.tensor([[[1.0, 2], [nan, 4]], [[nan, nan], [nan, nan]]])  # the second image: no label
+    scores = depth.per_sample_score(torch.ones(2, 1, 2, 2), depth_maps)
+    assert scores[0] == pytest.approx(4 / 3) and scores[1].isnan()
+    normals = Task("n", kind="normals", num_classes=3)
+    target = torch.tensor([1.0, 0, 0]).reshape(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    preds = torch.stack([torch.tensor([1.0, 0, 0]), torch.tensor([1.0, 1, 0])], dim=-1).reshape(1, 3, 1, 2)
+    assert normals.per_sample_score(preds, target).tolist() == pytest.approx([22.5])  # (0° + 45°) / 2

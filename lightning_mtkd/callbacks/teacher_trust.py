@@ -77,8 +77,9 @@ class TeacherTrust(L.Callback):
     At ``setup`` of a fit (before the strategy sets up its feature hints and fusion gates, so these follow the
     choice), every teacher runs once over the validation loader; per task, a teacher is dropped only when it
     is clearly worse than the best one: by more than ``tolerance`` (relative) plus ``z`` standard errors of
-    their paired per-sample difference (correct or not for classification, absolute error for regression;
-    :func:`trusted_teachers`). The choice goes to the module's ``trust_teachers``. A module
+    their paired per-sample difference (:meth:`~lightning_mtkd.tasks.Task.per_sample_score`: correct or not
+    for classification, absolute error for regression, a per-sample stand-in for multi-label and dense
+    metrics; :func:`trusted_teachers`). The choice goes to the module's ``trust_teachers``. A module
     without that method (one teacher per task) is left as it is. The scores and the choice are kept in
     :attr:`scores` and :attr:`choice`, printed, logged to the loggers (``trust/<task>/<teacher>``: the
     teacher's score, ``trust/<task>/<teacher>_kept``: 1 or 0) and saved in the checkpoint (the callback's state
@@ -214,27 +215,13 @@ class TeacherTrust(L.Callback):
                         metric = task.make_metrics()[task.primary_metric].to(device)
                         metrics[task_name][name] = metric
                     metric.update(*task.metric_inputs(output, batch["targets"][task_name]))
-                    values = _per_sample_values(task, output, batch["targets"][task_name])
-                    if values is not None:
-                        self._per_sample.setdefault(task_name, {}).setdefault(name, []).append(values.cpu())
+                    # NaN for missing labels keeps every teacher's values aligned sample by sample (paired).
+                    values = task.per_sample_score(output, batch["targets"][task_name])
+                    self._per_sample.setdefault(task_name, {}).setdefault(name, []).append(values.cpu())
         return {
             task: {name: float(metric.compute()) for name, metric in by_teacher.items()}
             for task, by_teacher in metrics.items()
         }
-
-
-def _per_sample_values(task: Any, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
-    """Per labelled sample: 1/0 correct (classification) or the absolute error (regression); ``None`` otherwise.
-
-    Missing labels give NaN, so every teacher's values stay aligned sample by sample (paired differences).
-    """
-    if task.kind == "classification" and output.dim() == 2:
-        present = task.valid_mask(target)
-        return torch.where(present, (output.argmax(1) == target).float(), torch.nan)
-    if task.kind == "regression":
-        error = (output.reshape(target.shape) - target).abs().float()
-        return error.reshape(len(error), -1).mean(1)  # NaN where the label is missing
-    return None
 
 
 def _val_loader(trainer: L.Trainer) -> Any:
