@@ -404,7 +404,14 @@ def test_every_ddp_rank_distils_with_the_same_search_and_trust_choices(tmp_path)
 
 # ------------------------------------------------------------------------------ the configs
 @pytest.mark.parametrize(
-    "name", ["shared_consistent.yaml", "shared_unlabelled.yaml", "shared_kd_search.yaml", "task_specific_trust.yaml"]
+    "name",
+    [
+        "shared_consistent.yaml",
+        "shared_mix.yaml",
+        "shared_unlabelled.yaml",
+        "shared_kd_search.yaml",
+        "task_specific_trust.yaml",
+    ],
 )
 def test_lever_configs_fit_one_step_through_the_cli(name, tmp_path):
     from pathlib import Path
