@@ -200,12 +200,14 @@ def fit_and_test(
     A distillation module with frozen teachers runs with ``cache`` (a :class:`TeacherCache`, in memory by
     default): the teachers run once per sample instead of once per sample and epoch. A DataModule that
     augments its training batches gets a cache of the validation split only (the teachers' outputs depend on
-    the view). ``split="val"`` returns the kept epoch's validation metrics instead (``val/<task>/acc`` …),
+    the view), unless the augmentation only appends blends (the cache then serves the samples themselves).
+    ``split="val"`` returns the kept epoch's validation metrics instead (``val/<task>/acc`` …),
     for choosing settings without reading the test split.
     """
     if cache is None and isinstance(module, DistillationModule) and module.fixed_teachers:
-        augmented = getattr(dm, "augment", None) is not None
-        cache = TeacherCache(storage="memory", splits=("val",) if augmented else ("train", "val"))
+        augment = getattr(dm, "augment", None)
+        cached_train = augment is None or augment.keeps_originals
+        cache = TeacherCache(storage="memory", splits=("train", "val") if cached_train else ("val",))
     shutil.rmtree(workdir, ignore_errors=True)
     best = ModelCheckpoint(dirpath=workdir, filename="best", monitor="val/loss", mode="min")
     run = trainer(epochs, progress, [best, *(callbacks or [])] + ([cache] if cache is not None else []))

@@ -191,6 +191,34 @@ def test_multimnist_unlabelled_pool_is_disjoint_and_leaves_the_labelled_splits_u
         MultiMNISTDataModule(unlabelled_digits=3000)
 
 
+def test_a_training_cache_serves_the_samples_and_the_teachers_label_only_the_appended_blends(tmp_path):
+    """Appended blends leave the batch's own samples unchanged, so their cached outputs hold: after the first
+    epoch the teacher runs on the blends alone, and the fit ends where an uncached one does."""
+
+    def fit(cache: bool) -> tuple[SharedDistiller, list[Tensor]]:
+        L.seed_everything(3)
+        seen: list[Tensor] = []
+        module = SharedDistiller(Recorder(), Recorder(seen=seen), TASKS, hint_weight=0.0)
+        dm = oracle_datamodule(augment=BatchAugment(mixup=1.0, mixup_fraction=0.5, mixup_mode="append"))
+        callbacks = [TeacherCache(storage="memory", splits=["train"])] if cache else []
+        trainer = quick_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(module, dm)
+        return module, seen
+
+    cached, seen_cached = fit(cache=True)
+    plain, seen_plain = fit(cache=False)
+    # 4 steps an epoch of 16 samples and 8 blends: uncached the teacher sees 24 a step; cached, 16 + 8 while
+    # the cache fills (epoch 1), then the 8 blends only.
+    assert [len(x) for x in seen_plain] == [24] * 8
+    assert [len(x) for x in seen_cached[1:]] == [16, 8] * 4 + [8] * 4  # [0]: the cache's probe of the outputs' layout
+    for name, value in cached.state_dict().items():
+        torch.testing.assert_close(value, plain.state_dict()[name], msg=name)
+    shifted = oracle_datamodule(augment=BatchAugment(noise=0.1, mixup=1.0, mixup_mode="append"))
+    with pytest.raises(RuntimeError, match="TeacherCache"):
+        module = SharedDistiller(Recorder(), Recorder(), TASKS, hint_weight=0.0)
+        quick_trainer(tmp_path, max_steps=1, callbacks=[TeacherCache(storage="memory")]).fit(module, shifted)
+
+
 # ------------------------------------------------------------------------------ teacher trust
 def test_trusted_teachers_keeps_those_within_the_tolerance_of_the_best():
     scores = {"a": {"x": 0.90, "y": 0.95}, "mae": {"x": 1.0, "y": 1.2}}

@@ -26,6 +26,9 @@ from torch import Tensor
 
 from lightning_mtkd.tasks import IGNORE_INDEX
 
+#: The batch key that says how many samples at the end of a batch are appended blends (``mixup_mode="append"``).
+BLENDS = "blends"
+
 
 def random_shift(inputs: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     r"""Each image translated by its own random offset :math:`(d_y, d_x) \in [-s, s]^2`, zero-filled.
@@ -233,6 +236,11 @@ class BatchAugment:
         self.mixup_mode = mixup_mode
         self.seed = int(seed)
 
+    @property
+    def keeps_originals(self) -> bool:
+        """Whether the batch's own samples pass unchanged (only appended blends): a teacher cache still holds."""
+        return self.mixup_mode == "append" and self.shift == 0 and self.noise == 0
+
     def __repr__(self) -> str:
         return (
             f"BatchAugment(shift={self.shift}, noise={self.noise}, mixup={self.mixup}, "
@@ -281,7 +289,8 @@ def _append_blends(
 
     targets = {name: torch.cat([target, _missing(target[sources])]) for name, target in batch["targets"].items()}
     rest = {key: extend(value) for key, value in batch.items() if key not in ("input", "targets")}
-    return {**rest, "input": torch.cat([inputs, blends]), "targets": targets}
+    # BLENDS: how many samples at the end are blends (a plain int: no sync), so a teacher cache can serve the rest.
+    return {**rest, "input": torch.cat([inputs, blends]), "targets": targets, BLENDS: len(sources)}
 
 
 def _missing(target: Tensor) -> Tensor:
@@ -294,14 +303,18 @@ def _mark_missing(target: Tensor, mixed: Tensor) -> Tensor:
     return torch.where(mixed.reshape(shape), torch.as_tensor(missing, dtype=target.dtype), target)
 
 
-def check_teacher_cache(trainer: Any) -> None:
-    """Refuse a :class:`~lightning_mtkd.callbacks.TeacherCache` that caches the training split.
+def check_teacher_cache(trainer: Any, augment: BatchAugment) -> None:
+    """Refuse a :class:`~lightning_mtkd.callbacks.TeacherCache` that caches the training split, unless the
+    augmentation leaves the batch's own samples as they are (:attr:`BatchAugment.keeps_originals`).
 
     With a batch augmentation every training step shows the teachers a new view, so their outputs for a sample
     change from epoch to epoch; a cache would hand the student the outputs of an old view (inconsistent teaching).
+    Appended blends alone change no sample: the cache serves the samples, and the teachers label the blends.
     """
     from lightning_mtkd.callbacks.teacher_cache import TeacherCache
 
+    if augment.keeps_originals:
+        return
     for callback in getattr(trainer, "callbacks", []):
         if isinstance(callback, TeacherCache) and "train" in callback.splits:
             raise RuntimeError(

@@ -383,7 +383,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.splits["train"] = join_unlabelled(self.splits["train"], unlabelled)
             self.num_unlabelled = len(unlabelled)  # type: ignore[arg-type]
         if self.augment is not None and stage in ("fit", None) and self.trainer is not None:
-            check_teacher_cache(self.trainer)
+            check_teacher_cache(self.trainer, self.augment)
         for name, split in self.splits.items():
             if len(split) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"the {name!r} split is empty; give it at least one sample.")

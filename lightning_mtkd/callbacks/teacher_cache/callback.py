@@ -24,6 +24,7 @@ from lightning_mtkd.callbacks.teacher_cache.stores import (
     _MemoryStore,
     _Store,
 )
+from lightning_mtkd.data.augment import BLENDS
 from lightning_mtkd.data.examples import rng_preserved
 
 if TYPE_CHECKING:
@@ -121,6 +122,9 @@ class TeacherCache(L.Callback):
                 "batch has no 'index' tensor. Use lightning_mtkd.data.MultiTaskDataset or add 'index' to your "
                 "batches, or remove the TeacherCache callback."
             )
+        blends = batch.get(BLENDS, 0)
+        if blends:  # appended mixup blends: the cache serves the batch's own samples, the teachers label the blends
+            return self._with_blends(module, batch, blends, store)
         counts = self.counts[store.split]
         if store.complete:
             counts["cached"] += 1
@@ -134,6 +138,16 @@ class TeacherCache(L.Callback):
         results = module.run_teachers(batch)
         store.write(index, results)
         return results
+
+    def _with_blends(
+        self, module: DistillationModule, batch: Mapping[str, Any], blends: int, store: _Store
+    ) -> dict[str, ModelOutputs]:
+        own = len(batch["index"]) - blends
+        part = lambda rows: {**batch, "input": batch["input"][rows], "index": batch["index"][rows], BLENDS: 0}  # noqa: E731
+        cached = store.layout.flatten(self.teacher_outputs(module, part(slice(None, own))))
+        fresh = store.layout.flatten(module.run_teachers(part(slice(own, None))))
+        joined = {key: torch.cat([cached[key], fresh[key].to(cached[key].dtype)]) for key in cached}
+        return store.layout.unflatten(joined)
 
     # ------------------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
