@@ -40,6 +40,7 @@ no real gap), parameters, single-sample CPU latency and seconds per run.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import multiprocessing
 import os
@@ -612,7 +613,7 @@ def chart(
 
 def summary_table(out: str, names: list[str]) -> str:
     """``quality-summary.md``: per data set and row, Δ mean accuracy (points) and gap closed against scratch,
-    from the ``quality-<data>.json`` files in ``out``."""
+    from the ``quality-<data>.json`` files in ``out`` and the rows of any ``quality-<data>-<more>.json``."""
     results = {}
     for name in names:
         # The test-split table if there is one, else the validation screen (screens/quality-<data>-val.json).
@@ -624,6 +625,12 @@ def summary_table(out: str, names: list[str]) -> str:
                 with open(path) as f:
                     results[name] = json.load(f)
                 break
+        # Rows run later into quality-<data>-<more>.json (e.g. -mix) join their data set's column.
+        for path in sorted(glob.glob(os.path.join(out, f"quality-{name}-*.json"))) if name in results else []:
+            with open(path) as f:
+                more = json.load(f)
+            for row, values in more["rows"].items():
+                results[name]["rows"].setdefault(row, values)
     if not results:
         raise FileNotFoundError(f"no quality-<data>.json in {out}; run benchmarks/quality.py --data NAME first.")
     rows: list[str] = []
