@@ -285,13 +285,14 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
         raise ValueError(
             f"row {row!r}: data set {config['data'].get('dataset', 'multimnist')!r} has no unlabelled data."
         )
+    augment = None
+    if "mix" in levers:
+        augment = MIX
+    elif "aug" in levers:
+        augment = lever_config["scratch_augment" if scratch else "augment"]
     return module, {
         "epochs": config["student"]["epochs"] * (2 if "long" in levers else 1),
-        "augment": MIX
-        if "mix" in levers
-        else lever_config["scratch_augment" if scratch else "augment"]
-        if "aug" in levers
-        else None,
+        "augment": augment,
         "unlabelled": lever_config["unlabelled"] if "unl" in levers else None,
         "callbacks": callbacks,
     }

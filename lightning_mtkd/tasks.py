@@ -373,10 +373,7 @@ class Task:
     def per_sample_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss, present)``, both ``(B,)``: each sample's supervised loss (mean over its present labels
         or pixels) and whether it has any label. Used to judge teachers per sample (confidence-weighted fusion)."""
-        per, mask = self._elementwise_loss(output, target)
-        batch = output.shape[0]
-        per, mask = per.reshape(batch, -1), mask.reshape(batch, -1).to(per.dtype)
-        return (per * mask).sum(1) / mask.sum(1).clamp_min(1.0), mask.sum(1) > 0
+        return _sample_means(*self._elementwise_loss(output, target))
 
     def per_sample_score(self, output: Tensor, target: Tensor) -> Tensor:
         """``(B,)``: each sample's share of the primary metric, in its direction (NaN: the sample has no label).
@@ -405,11 +402,8 @@ class Task:
         else:
             present = self.valid_mask(target)
             per = (output - torch.where(present, target, output.detach())).abs().float()
-        batch = output.shape[0]
-        per, present = per.reshape(batch, -1), present.reshape(batch, -1)
-        counts = present.sum(1)
-        score = torch.where(present, per, 0.0).sum(1) / counts.clamp_min(1)
-        return torch.where(counts > 0, score, torch.nan)
+        score, labelled = _sample_means(per, present)
+        return torch.where(labelled, score, torch.nan)
 
     def fuse_teacher_outputs(self, outputs: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """One target from ``K`` teachers' outputs ``(K, B, ...)`` with per-sample weights ``(K, B)``.
@@ -423,6 +417,14 @@ class Task:
         if self.kind == "multilabel":
             return LF.fuse_binary_soft_targets(outputs, weights, temperature)
         return (weights.reshape(*weights.shape, *([1] * (outputs.dim() - 2))) * outputs).sum(0)
+
+
+def _sample_means(values: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean, labelled)``, both ``(B,)``: each sample's mean of ``values`` over its present labels or pixels
+    (0 where it has none), and whether it has any. ``values`` must be finite where labels are missing."""
+    batch = values.shape[0]
+    values, mask = values.reshape(batch, -1), present.reshape(batch, -1).to(values.dtype)
+    return (values * mask).sum(1) / mask.sum(1).clamp_min(1.0), mask.sum(1) > 0
 
 
 def as_tasks(tasks: list[Task] | list[dict] | tuple) -> dict[str, Task]:

@@ -164,3 +164,28 @@ def test_memory_format_benchmark_times_both_layouts_and_checks_they_agree(tmp_pa
     assert len(speedups) == 4 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in speedups)
     differences = [float(row[2]) for row in rows if row[1] == "max output difference"]
     assert len(differences) == 2 and all(d < 1e-4 for d in differences)
+
+
+def test_the_mix_lever_is_refused_where_it_cannot_apply_and_its_rows_join_the_summary(tmp_path):
+    import json
+
+    quality = load("quality")
+    assert quality.parse_row("fusion+new+mix") == ("fusion", (*quality.NEW_DEFAULTS, "mix"))
+    for row, message in (("scratch+mix", "no teacher"), ("shared+aug+mix", "one of aug and mix")):
+        with pytest.raises(ValueError, match=message):
+            quality.build(row, {"levers": {}}, None)
+    rows = {
+        "teacher": {"acc": {"a": [0.96]}},
+        "scratch": {"acc": {"a": [0.90, 0.90]}},
+        "shared": {"acc": {"a": [0.92, 0.92]}},
+    }
+    for row in rows.values():
+        row.update(params=1, latency_ms=0.1, seconds=2.0)
+    single = {"single_task_teachers": {}, "teachers_seconds": 0, "seconds": 1, "workers": 1, "config": {}}
+    result = {"seeds": [1, 2], "split": "test", "data": "multimnist", **single}
+    (tmp_path / "quality-multimnist.json").write_text(json.dumps({**result, "rows": rows}))
+    mix = {**rows, "shared+mix": {**rows["shared"], "acc": {"a": [0.93, 0.93]}}}
+    del mix["shared"]
+    (tmp_path / "quality-multimnist-mix.json").write_text(json.dumps({**result, "rows": mix}))
+    text = quality.summary_table(str(tmp_path), ["multimnist"])
+    assert "| shared | +2.00 (33%) ✓ |" in text and "| shared+mix | +3.00 (50%) ✓ |" in text

@@ -305,3 +305,8 @@ def test_crd_settings_reach_the_heads_and_survive_a_checkpoint(tmp_path):
     assert reloaded.distance == settings and reloaded.adaptors["hint"].negatives == 8
     with pytest.raises(ValueError, match="temperature"):
         CRD(temperature=0.0)
+
+
+def test_an_unknown_distance_name_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"unknown feature distance 'l3'.*'rkd', 'crd'.*CRD"):
+        SharedDistiller(conv_net(), conv_net((8, 16), 32), TASKS, distance="l3")

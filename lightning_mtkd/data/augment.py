@@ -294,13 +294,17 @@ def _append_blends(
 
 
 def _missing(target: Tensor) -> Tensor:
-    return torch.full_like(target, torch.nan if target.is_floating_point() else IGNORE_INDEX)
+    return torch.full_like(target, _missing_value(target))
+
+
+def _missing_value(target: Tensor) -> float:
+    """What marks a missing label, read off the target's dtype: NaN for real values, -100 for class ids."""
+    return torch.nan if target.is_floating_point() else IGNORE_INDEX
 
 
 def _mark_missing(target: Tensor, mixed: Tensor) -> Tensor:
-    missing = torch.nan if target.is_floating_point() else IGNORE_INDEX
     shape = (-1,) + (1,) * (target.dim() - 1)
-    return torch.where(mixed.reshape(shape), torch.as_tensor(missing, dtype=target.dtype), target)
+    return torch.where(mixed.reshape(shape), torch.as_tensor(_missing_value(target), dtype=target.dtype), target)
 
 
 def check_teacher_cache(trainer: Any, augment: BatchAugment) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -135,11 +136,7 @@ class CRDHead(nn.Module):
         cls, student_shape: Sequence[int], teacher_shape: Sequence[int], num_samples: int, settings: Any = None
     ) -> CRDHead:
         """Heads for features of these shapes; ``settings``: a :class:`~lightning_mtkd.strategies.step.CRD`."""
-        options = (
-            {}
-            if settings is None
-            else {key: getattr(settings, key) for key in ("dim", "negatives", "temperature", "momentum")}
-        )
+        options = {} if settings is None else dataclasses.asdict(settings)
         return cls(math.prod(student_shape[1:]), math.prod(teacher_shape[1:]), num_samples, **options)
 
     @classmethod

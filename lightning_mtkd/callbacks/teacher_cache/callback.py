@@ -143,7 +143,10 @@ class TeacherCache(L.Callback):
         self, module: DistillationModule, batch: Mapping[str, Any], blends: int, store: _Store
     ) -> dict[str, ModelOutputs]:
         own = len(batch["index"]) - blends
-        part = lambda rows: {**batch, "input": batch["input"][rows], "index": batch["index"][rows], BLENDS: 0}  # noqa: E731
+
+        def part(rows: slice) -> dict[str, Any]:
+            return {**batch, "input": batch["input"][rows], "index": batch["index"][rows], BLENDS: 0}
+
         cached = store.layout.flatten(self.teacher_outputs(module, part(slice(None, own))))
         fresh = store.layout.flatten(module.run_teachers(part(slice(own, None))))
         joined = {key: torch.cat([cached[key], fresh[key].to(cached[key].dtype)]) for key in cached}
