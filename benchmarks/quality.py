@@ -20,14 +20,15 @@ A row is a strategy (``shared``, ``task-specific``, …) and optionally levers, 
 - ``mix``: function matching on extra inputs: each training batch gets as many mixup blends of its own samples
   appended, with no labels, so only the distillation terms reach them (``BatchAugment(mixup_mode="append")``);
   the labelled samples stay as they are (``aug`` mixes half of them in place, dropping their labels);
-- ``long``: a patient schedule, twice the epochs (Beyer et al., CVPR 2022);
+- ``long``: a patient schedule, twice the epochs (Beyer et al., CVPR 2022); ``longer``: four times;
+- ``cos``: the learning rate decays to zero over the run (cosine annealing) instead of staying constant;
 - ``unl``: unlabelled composites joined to the training split (image sets only);
 - ``search``: temperature and α chosen by ``KDSearch`` on the validation split;
 - ``trust``: ``TeacherTrust`` (task-specific: the multi-task teacher is a candidate for every task; fusion);
 - ``new``: the new defaults (``NEW_DEFAULTS``).
 
-A scratch row takes ``aug`` (without mixup: a mixed sample has no label) and ``long`` too, so a lever's gain can
-be told apart from what the same data would give a student without a teacher.
+A scratch row takes ``aug`` (without mixup: a mixed sample has no label), ``long`` and ``cos`` too, so a lever's
+gain can be told apart from what the same data would give a student without a teacher.
 
 Columns: per-task test metric (accuracy; MAE in standardised units for regression, lower is better;
 mean ± std over seeds), the mean accuracy over the classification tasks, the multi-task gain
@@ -168,7 +169,9 @@ ROWS: dict[str, Row] = {
 }
 
 #: The levers a row may add to a strategy with ``+`` (see the module docstring).
-LEVERS = ("aug", "mix", "long", "unl", "search", "trust")
+LEVERS = ("aug", "mix", "long", "longer", "cos", "unl", "search", "trust")
+#: The levers a scratch student takes too (data and schedule): a row with them is also compared with that scratch row.
+SCRATCH_LEVERS = ("aug", "long", "longer", "cos")
 #: The ``mix`` lever: as many mixed samples as labelled ones appended to each training batch, labelled by the
 #: teachers only (``BatchAugment(mixup_mode="append")``): unlabelled inputs made from any data set's own inputs.
 MIX = {"mixup": 1.0, "mixup_fraction": 1.0, "mixup_mode": "append"}
@@ -265,7 +268,7 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
     base, levers = parse_row(row)
     scratch = base in SCRATCH_ROWS
     if scratch and "new" in row.split("+"):  # a scratch student takes the new defaults' data levers only
-        levers = tuple(lever for lever in levers if lever in ("aug", "long"))
+        levers = tuple(lever for lever in levers if lever in SCRATCH_LEVERS)
     if scratch and ({"search", "trust", "unl", "mix"} & set(levers)):
         raise ValueError(f"row {row!r}: a scratch student has no teacher to search, trust or label for it.")
     if {"aug", "mix"} <= set(levers):
@@ -274,6 +277,9 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
         if "trust" in row.split("+"):
             raise ValueError(f"row {row!r}: teacher trust chooses among several teachers (task-specific, fusion only).")
         levers = tuple(lever for lever in levers if lever != "trust")  # +new: trust where there is a choice
+    epochs = config["student"]["epochs"] * (4 if "longer" in levers else 2 if "long" in levers else 1)
+    if "cos" in levers:  # the learning rate decays over the run's own epochs
+        config = {**config, "student": {**config["student"], "epochs": epochs, "schedule": "cosine"}}
     module = ROWS[base](teachers, {**config, "trust": "trust" in levers})
     callbacks: list[Any] = []
     if "search" in levers:
@@ -291,7 +297,7 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
     elif "aug" in levers:
         augment = lever_config["scratch_augment" if scratch else "augment"]
     return module, {
-        "epochs": config["student"]["epochs"] * (2 if "long" in levers else 1),
+        "epochs": epochs,
         "augment": augment,
         "unlabelled": lever_config["unlabelled"] if "unl" in levers else None,
         "callbacks": callbacks,
@@ -500,15 +506,17 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _scratch_with_same_data(row: str) -> str | None:
-    """The scratch row with the same data levers (``aug``, ``long``) as ``row``, if it has any (``+new``: its own)."""
+    """The scratch row with the same data and schedule levers (:data:`SCRATCH_LEVERS`) as ``row``, if it has any.
+
+    Spelled as ``row`` spells them: ``fusion+new+cos`` → ``scratch+new+cos``.
+    """
     if "+" not in row or is_scratch(row):
         return None
     base, levers = parse_row(row)
-    scratch = BASELINE.get(base, "scratch")
-    if "new" in row.split("+"):
-        return f"{scratch}+new" if {"aug", "long"} & set(levers) else None
-    data = [lever for lever in levers if lever in ("aug", "long")]
-    return "+".join([scratch, *data]) if data else None
+    if not set(SCRATCH_LEVERS) & set(levers):
+        return None
+    written = [part for part in row.split("+")[1:] if part == "new" or part in SCRATCH_LEVERS]
+    return "+".join([BASELINE.get(base, "scratch"), *written])
 
 
 def _std(values: list[float]) -> float:

@@ -139,8 +139,19 @@ def network(spec: dict[str, Any], tasks: list[Task], in_features: int | None = N
 
 
 def student_optimizer(spec: dict[str, Any]) -> dict[str, Any]:
-    """Adam at the spec's learning rate: every student row gets exactly this."""
-    return {"optimizer": functools.partial(torch.optim.Adam, lr=spec["lr"])}
+    """Adam at the spec's learning rate: every student row gets exactly this.
+
+    With ``spec["schedule"] == "cosine"`` the learning rate also decays to zero over ``spec["epochs"]`` epochs
+    (cosine annealing, Loshchilov & Hutter, ICLR 2017: lr_e = lr · (1 + cos(π e / E)) / 2).
+    """
+    optimizer = {"optimizer": functools.partial(torch.optim.Adam, lr=spec["lr"])}
+    schedule = spec.get("schedule")
+    if schedule is None:
+        return optimizer
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r} in the student spec; use 'cosine' or leave it out.")
+    cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=spec["epochs"])
+    return {**optimizer, "scheduler": cosine}
 
 
 def trainer(epochs: int, progress: bool, callbacks: list[Any] | None = None) -> L.Trainer:

@@ -189,3 +189,18 @@ def test_the_mix_lever_is_refused_where_it_cannot_apply_and_its_rows_join_the_su
     (tmp_path / "quality-multimnist-mix.json").write_text(json.dumps({**result, "rows": mix}))
     text = quality.summary_table(str(tmp_path), ["multimnist"])
     assert "| shared | +2.00 (33%) ✓ |" in text and "| shared+mix | +3.00 (50%) ✓ |" in text
+
+
+def test_schedule_levers_reach_scratch_rows_and_set_the_epochs_the_cosine_decays_over():
+    quality = load("quality")
+    config = quality.DATASETS["optdigits"]  # a scratch row needs no teachers
+    for row, epochs in (("scratch+longer", 120), ("scratch+long", 60), ("scratch", 30)):
+        module, how = quality.build(row, config, None)
+        assert how["epochs"] == epochs and module.scheduler_factory is None
+    module, how = quality.build("scratch+new+cos", config, None)
+    assert how["epochs"] == 60 and module.scheduler_factory.keywords["T_max"] == 60
+    # Compared with the scratch student given the same schedule, spelled as the row spells it.
+    assert quality._scratch_with_same_data("fusion+new+cos") == "scratch+new+cos"
+    assert quality._scratch_with_same_data("transfer+longer") == "scratch-per-task+longer"
+    assert quality._scratch_with_same_data("shared+cos+trust") == "scratch+cos"
+    assert quality._scratch_with_same_data("shared+search") is None

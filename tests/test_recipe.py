@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,22 @@ def test_every_distiller_has_the_recipes_soft_targets_and_otherwise_its_defaults
     assert {key: args[key] for key in RECIPE["distill"]} == RECIPE["distill"]
     # No feature setting overrides a strategy's defaults (the recipe measures strategies at their defaults).
     assert not {"hint_weight", "feature_weight", "student_feature", "teacher_feature"} & set(args), name
+
+
+def test_a_cosine_student_schedule_decays_the_learning_rate_to_zero_over_its_epochs():
+    import torch
+
+    from lightning_mtkd.recipe import student_optimizer
+
+    assert set(student_optimizer(RECIPE["student"])) == {"optimizer"}  # the recipe itself keeps a constant rate
+    settings = student_optimizer({**RECIPE["student"], "epochs": 4, "schedule": "cosine"})
+    optimizer = settings["optimizer"]([torch.nn.Parameter(torch.zeros(1))])
+    scheduler = settings["scheduler"](optimizer)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([RECIPE["student"]["lr"] * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        student_optimizer({**RECIPE["student"], "schedule": "step"})
