@@ -176,9 +176,10 @@ SCRATCH_LEVERS = ("aug", "long", "longer", "cos")
 #: teachers only (``BatchAugment(mixup_mode="append")``): unlabelled inputs made from any data set's own inputs.
 MIX = {"mixup": 1.0, "mixup_fraction": 1.0, "mixup_mode": "append"}
 #: What ``+new`` stands for: the new defaults, chosen on the validation splits (quality-screens.md): a patient
-#: schedule (twice the epochs) and teacher trust where a strategy has several teachers. Consistent augmentation
-#: and the KD search did not hold on every validation set; unlabelled data helps where a data set has some.
-NEW_DEFAULTS: tuple[str, ...] = ("long", "trust")
+#: schedule (four times the epochs; twice was the first choice) and teacher trust where a strategy has several
+#: teachers. Consistent augmentation, appended mixup blends, cosine decay and the KD search did not hold on every
+#: validation set; unlabelled data helps where a data set has some.
+NEW_DEFAULTS: tuple[str, ...] = ("longer", "trust")
 #: The six strategies.
 STRATEGIES = ("shared", "task-specific", "transfer", "adaptive", "attention", "fusion")
 #: KDSearch's candidates in the ``search`` lever.
@@ -215,14 +216,27 @@ VERSUS_SHARED = (
     "mutual-a05-t1",
     "self-ema-a05-t1",
 )
-#: The rows `make quality` runs by default (the six strategies); the others are asked for with --rows.
-DEFAULT_ROWS = ["scratch", "scratch-per-task", "shared", "task-specific", "transfer", "adaptive", "attention", "fusion"]
+#: The rows `make quality` runs by default: the six strategies with the recipe alone and with the new defaults
+#: (``+new``), and the scratch students each is compared with; the others are asked for with --rows.
+DEFAULT_ROWS = [
+    "scratch",
+    "scratch-per-task",
+    *STRATEGIES,
+    "scratch+new",
+    "scratch-per-task+new",
+    *(f"{strategy}+new" for strategy in STRATEGIES),
+]
 
 
 #: Scratch rows: the baselines, trained on labels alone.
 SCRATCH_ROWS = ("scratch", "scratch-per-task")
 #: A row whose student is not the shared multi-task net is compared with the same architecture from scratch.
 BASELINE = {"transfer": "scratch-per-task"}
+
+
+def default_rows(config: dict[str, Any]) -> list[str]:
+    """:data:`DEFAULT_ROWS` that the data set can run: the tables' MLPs have no layers for attention distillation."""
+    return [row for row in DEFAULT_ROWS if config.get("attention_layers") or parse_row(row)[0] != "attention"]
 
 
 def baseline_of(row: str) -> str:
@@ -477,7 +491,8 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             (1 if higher[t] else -1) * (entry["task"][t][0] - baseline_task[t]) / abs(baseline_task[t])
             for t in baseline_task
         )
-        entry["gap_closed"] = (entry["mean"][0] - baseline_mean) / (teacher_mean - baseline_mean)
+        if teacher_mean != baseline_mean:  # a teacher no better than scratch leaves no gap to close
+            entry["gap_closed"] = (entry["mean"][0] - baseline_mean) / (teacher_mean - baseline_mean)
         entry["beats_scratch"] = entry["mean"][0] - baseline_mean > max(entry["mean"][1], _std(baseline_seeds))
         same = _scratch_with_same_data(name)
         if same and same in rows and same != baseline_name:
@@ -494,7 +509,9 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
                     (1 if higher[t] else -1) * (entry["task"][t][0] - same_task[t]) / abs(same_task[t])
                     for t in same_task
                 ),
-                "gap_closed": (entry["mean"][0] - same_mean) / (teacher_mean - same_mean),
+                "gap_closed": (entry["mean"][0] - same_mean) / (teacher_mean - same_mean)
+                if teacher_mean != same_mean
+                else None,
                 "beats": entry["mean"][0] - same_mean > max(entry["mean"][1], _std(same_seeds)),
             }
         if name in VERSUS_SHARED and "shared" in rows:
@@ -652,8 +669,9 @@ def summary_table(out: str, names: list[str]) -> str:
         "Per data set: Δ mean accuracy against the row's scratch baseline in points (Δm % for the tables, whose "
         "regression tasks count too), the share of the teacher–scratch gap closed (image sets only: the tables "
         "have no real gap, there distillation must only not hurt), and ✓ where it beats scratch by more than the "
-        "seed std. † marks a row with data levers (`long`, `aug`; `+new` has `long`), compared with the scratch "
-        "student given the same data and epochs (`scratch+new`, `scratch-per-task+new`) rather than the plain one.",
+        "seed std. † marks a row with data or schedule levers (`aug`, `long`, `longer`, `cos`; `+new` has `longer`), "
+        "compared with the scratch student given the same data and epochs (`scratch+new`, `scratch-per-task+new`) "
+        "rather than the plain one.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -672,10 +690,8 @@ def summary_table(out: str, names: list[str]) -> str:
                 if name in NO_GAP:
                     cells.append(f"Δm {same['delta_m']:+.2f} %†" + (" ✓" if same["beats"] else ""))
                 else:
-                    cells.append(
-                        f"{100 * same['delta']:+.2f} ({100 * same['gap_closed']:.0f}%)†"
-                        + (" ✓" if same["beats"] else "")
-                    )
+                    closed = f" ({100 * same['gap_closed']:.0f}%)" if same["gap_closed"] is not None else ""
+                    cells.append(f"{100 * same['delta']:+.2f}{closed}†" + (" ✓" if same["beats"] else ""))
             elif name in NO_GAP:
                 cells.append(f"Δm {e['delta_m']:+.2f} %" + (" ✓" if e["beats_scratch"] else ""))
             else:
@@ -683,7 +699,8 @@ def summary_table(out: str, names: list[str]) -> str:
                     statistics.fmean(v) for t, v in result["rows"][e["baseline"]]["acc"].items()
                 )
                 delta = 100 * (e["mean"][0] - baseline)
-                cells.append(f"{delta:+.2f} ({100 * e['gap_closed']:.0f}%)" + (" ✓" if e["beats_scratch"] else ""))
+                closed = f" ({100 * e['gap_closed']:.0f}%)" if "gap_closed" in e else ""
+                cells.append(f"{delta:+.2f}{closed}" + (" ✓" if e["beats_scratch"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     teachers = []
     for name, result in results.items():
@@ -702,7 +719,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Every strategy's student against the scratch student.")
     parser.add_argument("--data", default="multimnist", choices=list(DATASETS), help="the data set (recipe.DATASETS)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows: {', '.join(ROWS)}, each +levers")
+    parser.add_argument(
+        "--rows", nargs="+", help=f"rows: {', '.join(ROWS)}, each +levers (default: DEFAULT_ROWS the data set can run)"
+    )
     parser.add_argument("--name", help="the results files' stem (default quality-<data>): <out>/<name>.md, .png, .json")
     parser.add_argument("--split", default="test", choices=["test", "val"], help="report test or validation metrics")
     parser.add_argument("--epochs", type=int, help="student epochs (default: the data set's)")
@@ -719,9 +738,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f.write(table)
         print(table)
         return {"summary_table": table}
+    config = json.loads(json.dumps(DATASETS[args.data]))
+    if args.rows is None:
+        args.rows = default_rows(config)
     for row in args.rows:
         parse_row(row)  # unknown strategies and levers fail here, before any training
-    config = json.loads(json.dumps(DATASETS[args.data]))
     if args.epochs:
         config["student"]["epochs"] = args.epochs
     if args.teacher_epochs:
@@ -737,14 +758,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.rows[:0] = [name for name in needed if name not in args.rows]
     root = os.path.join(args.root, args.data)
     result = run(config, args.seeds, args.rows, root, args.workers, args.split)
-    summary = summarise(result)
     os.makedirs(args.out, exist_ok=True)
     name = args.name or f"quality-{args.data}"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:  # first: the runs outlive a reporting error
+        json.dump(result, f, indent=1, default=str)
+    summary = summarise(result)
     table = markdown(summary, result)
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(f"# Quality benchmark: {args.data} (benchmarks/quality.py --data {args.data})\n\n" + table)
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
     chart(summary, os.path.join(args.out, f"{name}.png"), args.data, result["higher_is_better"])
     print(table)
     return {"summary": summary, "result": result}

@@ -198,9 +198,42 @@ def test_schedule_levers_reach_scratch_rows_and_set_the_epochs_the_cosine_decays
         module, how = quality.build(row, config, None)
         assert how["epochs"] == epochs and module.scheduler_factory is None
     module, how = quality.build("scratch+new+cos", config, None)
-    assert how["epochs"] == 60 and module.scheduler_factory.keywords["T_max"] == 60
+    assert how["epochs"] == 120 and module.scheduler_factory.keywords["T_max"] == 120  # +new: 4× epochs
     # Compared with the scratch student given the same schedule, spelled as the row spells it.
     assert quality._scratch_with_same_data("fusion+new+cos") == "scratch+new+cos"
     assert quality._scratch_with_same_data("transfer+longer") == "scratch-per-task+longer"
     assert quality._scratch_with_same_data("shared+cos+trust") == "scratch+cos"
     assert quality._scratch_with_same_data("shared+search") is None
+
+
+def test_the_default_rows_are_the_strategies_plain_and_with_the_new_defaults_where_the_data_can_run_them():
+    quality = load("quality")
+    images = quality.default_rows(quality.DATASETS["optdigits"])
+    assert [row for row in images if row.endswith("+new") and not quality.is_scratch(row)] == [
+        f"{strategy}+new" for strategy in quality.STRATEGIES
+    ]
+    # Every row's scratch baselines are among the defaults, so one run compares each with its own.
+    for row in images:
+        assert quality.baseline_of(row) in images and quality._scratch_with_same_data(row) in (None, *images)
+    tables = quality.default_rows(quality.DATASETS["penguins"])
+    assert tables == [row for row in images if not row.startswith("attention")] and len(tables) == len(images) - 2
+
+
+def test_a_teacher_no_better_than_scratch_leaves_no_gap_to_report_and_no_division_by_zero():
+    quality = load("quality")
+    rows = {
+        "teacher": {"acc": {"a": [0.90]}},
+        "scratch": {"acc": {"a": [0.90, 0.90]}},
+        "scratch+longer": {"acc": {"a": [0.90, 0.90]}},
+        "shared+longer": {"acc": {"a": [0.92, 0.92]}},
+    }
+    for row in rows.values():
+        row.update(params=1, latency_ms=0.1, seconds=2.0)
+    summary = {e["row"]: e for e in quality.summarise({"rows": rows})}
+    shared = summary["shared+longer"]
+    assert "gap_closed" not in shared and shared["same"]["gap_closed"] is None
+    assert shared["same"]["delta"] == pytest.approx(0.02) and shared["same"]["beats"]
+    config = {"config": {"student": {}, "teacher": {}, "data": {}}}
+    single = {"single_task_teachers": {}, "teachers_seconds": 0, "seconds": 1, "workers": 1, **config}
+    result = {"rows": rows, "seeds": [1, 2], "split": "test", "data": "multimnist", **single}
+    assert "| shared+longer |" in quality.markdown(list(summary.values()), result)
