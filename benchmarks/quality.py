@@ -27,8 +27,8 @@ A row is a strategy (``shared``, ``task-specific``, …) and optionally levers, 
 - ``trust``: ``TeacherTrust`` (task-specific: the multi-task teacher is a candidate for every task; fusion);
 - ``new``: the new defaults (``NEW_DEFAULTS``).
 
-A scratch row takes ``aug`` (without mixup: a mixed sample has no label), ``long`` and ``cos`` too, so a lever's
-gain can be told apart from what the same data would give a student without a teacher.
+A scratch row takes ``aug`` (without mixup: a mixed sample has no label), ``long``, ``longer`` and ``cos`` too, so
+a lever's gain can be told apart from what the same data and schedule would give a student without a teacher.
 
 Columns: per-task test metric (accuracy; MAE in standardised units for regression, lower is better;
 mean ± std over seeds), the mean accuracy over the classification tasks, the multi-task gain
@@ -281,7 +281,7 @@ def build(row: str, config: dict[str, Any], teachers: Teachers) -> tuple[MultiTa
     """The row's module and how to fit it: ``{"epochs", "augment", "unlabelled", "callbacks"}``."""
     base, levers = parse_row(row)
     scratch = base in SCRATCH_ROWS
-    if scratch and "new" in row.split("+"):  # a scratch student takes the new defaults' data levers only
+    if scratch and "new" in row.split("+"):  # a scratch student takes the new defaults' schedule only
         levers = tuple(lever for lever in levers if lever in SCRATCH_LEVERS)
     if scratch and ({"search", "trust", "unl", "mix"} & set(levers)):
         raise ValueError(f"row {row!r}: a scratch student has no teacher to search, trust or label for it.")
