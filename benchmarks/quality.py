@@ -491,8 +491,9 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             (1 if higher[t] else -1) * (entry["task"][t][0] - baseline_task[t]) / abs(baseline_task[t])
             for t in baseline_task
         )
-        if teacher_mean != baseline_mean:  # a teacher no better than scratch leaves no gap to close
-            entry["gap_closed"] = (entry["mean"][0] - baseline_mean) / (teacher_mean - baseline_mean)
+        closed = _share_of_gap(entry["mean"][0], baseline_mean, teacher_mean)
+        if closed is not None:
+            entry["gap_closed"] = closed
         entry["beats_scratch"] = entry["mean"][0] - baseline_mean > max(entry["mean"][1], _std(baseline_seeds))
         same = _scratch_with_same_data(name)
         if same and same in rows and same != baseline_name:
@@ -509,9 +510,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
                     (1 if higher[t] else -1) * (entry["task"][t][0] - same_task[t]) / abs(same_task[t])
                     for t in same_task
                 ),
-                "gap_closed": (entry["mean"][0] - same_mean) / (teacher_mean - same_mean)
-                if teacher_mean != same_mean
-                else None,
+                "gap_closed": _share_of_gap(entry["mean"][0], same_mean, teacher_mean),
                 "beats": entry["mean"][0] - same_mean > max(entry["mean"][1], _std(same_seeds)),
             }
         if name in VERSUS_SHARED and "shared" in rows:
@@ -520,6 +519,11 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             entry["beats_shared"] = entry["vs_shared"] > max(entry["mean"][1], _std(shared_seeds))
         summary.append(entry)
     return summary
+
+
+def _share_of_gap(student: float, scratch: float, teacher: float) -> float | None:
+    """(student − scratch) / (teacher − scratch); ``None`` when the teacher is no better than scratch: no gap."""
+    return (student - scratch) / (teacher - scratch) if teacher != scratch else None
 
 
 def _scratch_with_same_data(row: str) -> str | None:
@@ -669,9 +673,12 @@ def summary_table(out: str, names: list[str]) -> str:
         "Per data set: Δ mean accuracy against the row's scratch baseline in points (Δm % for the tables, whose "
         "regression tasks count too), the share of the teacher–scratch gap closed (image sets only: the tables "
         "have no real gap, there distillation must only not hurt), and ✓ where it beats scratch by more than the "
-        "seed std. † marks a row with data or schedule levers (`aug`, `long`, `longer`, `cos`; `+new` has `longer`), "
-        "compared with the scratch student given the same data and epochs (`scratch+new`, `scratch-per-task+new`) "
-        "rather than the plain one.",
+        "seed std. † marks a row with data or schedule levers ("
+        + ", ".join(f"`{lever}`" for lever in SCRATCH_LEVERS)
+        + "; `+new` has "
+        + ", ".join(f"`{lever}`" for lever in NEW_DEFAULTS if lever in SCRATCH_LEVERS)
+        + "), compared with the scratch student given the same data and epochs (`scratch+new`, "
+        "`scratch-per-task+new`) rather than the plain one.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
